@@ -1,0 +1,14 @@
+"""keras_adamw: exact, fused Adam and AdamW for Keras 3 on TensorFlow.
+
+Example:
+
+>>> import keras_adamw
+>>> optimizer = keras_adamw.AdamW(learning_rate=1e-3, weight_decay=0.004)
+"""
+
+from keras_adamw import adam_math
+from keras_adamw.optimizers import Adam
+from keras_adamw.optimizers import AdamW
+
+__version__ = "0.1.0"
+__all__ = ["Adam", "AdamW", "adam_math"]

@@ -1,0 +1,268 @@
+"""The Adam/AdamW update as small pure tensor functions.
+
+Every execution path of `keras_adamw` (the single-variable `update_step`, the
+per-variable loop, the fused XLA program and the DTensor variant) calls these
+functions, so the formula lives here and nowhere else. None of them touches a
+variable: each takes tensors and returns tensors; the caller assigns.
+
+The formula is Keras 3's (`keras.optimizers.AdamW`), with `t = iterations + 1`:
+
+    alpha    = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+    variable = variable - variable * weight_decay * lr        (AdamW only)
+    momentum = momentum + (gradient - momentum) * (1 - beta_1)
+    velocity = velocity + (gradient^2 - velocity) * (1 - beta_2)
+    velocity_hat = max(velocity_hat, velocity)                (amsgrad only)
+    variable = variable - alpha * momentum / (sqrt(velocity[_hat]) + epsilon)
+
+The operations are written in Keras' order so that float32 results agree
+with Keras to rounding.
+"""
+
+import collections
+
+import tensorflow as tf
+
+AdamState = collections.namedtuple(
+    "AdamState", ["variable", "momentum", "velocity", "velocity_hat"]
+)
+AdamState.__doc__ = """Values of one model variable and its slots after a step.
+
+`velocity_hat` is `None` unless amsgrad is on.
+"""
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def compute_dtype(dtype):
+    """Returns the dtype the update of a variable of `dtype` is computed in.
+
+    Half-precision variables are updated in float32 and the result is rounded
+    once when stored: computing `1 - beta_2` or `gradient**2` in bfloat16
+    loses most of the update.
+
+    Example:
+
+    >>> compute_dtype(tf.bfloat16)
+    tf.float32
+    """
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def densify(gradient, dtype=None):
+    """Returns `gradient` as a dense tensor, summing duplicate sparse indices.
+
+    `tf.IndexedSlices` from `tf.gather` or an `Embedding` repeat an index
+    once per occurrence; the dense gradient is their sum. Adam's velocity must
+    see `(g1 + g2)**2`, not `g1**2 + g2**2`, so duplicates are summed before
+    any other use of the gradient.
+
+    Args:
+        gradient: A `tf.Tensor` or `tf.IndexedSlices`.
+        dtype: Optional dtype to cast the result to.
+
+    Example:
+
+    >>> g = tf.IndexedSlices(tf.ones([3, 2]), tf.constant([1, 1, 0]),
+    ...                      tf.constant([3, 2]))
+    >>> densify(g).numpy().tolist()
+    [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]
+    """
+    if isinstance(gradient, tf.IndexedSlices):
+        # convert_to_tensor of IndexedSlices is an unsorted segment sum, which
+        # adds the rows of repeated indices.
+        gradient = tf.convert_to_tensor(gradient)
+    if dtype is not None:
+        gradient = tf.cast(gradient, dtype)
+    return gradient
+
+
+def step_size(learning_rate, beta_1, beta_2, step):
+    """Returns Adam's bias-corrected step size `alpha`.
+
+    Args:
+        learning_rate, beta_1, beta_2: Scalar tensors in the compute dtype.
+        step: The 1-based step `t`, a scalar tensor in the compute dtype.
+
+    Example:
+
+    >>> float(step_size(1.0, 0.9, 0.999, 1.0))  # sqrt(0.001) / 0.1
+    0.316227766...
+    """
+    beta_1_power = tf.pow(beta_1, step)
+    beta_2_power = tf.pow(beta_2, step)
+    return learning_rate * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+
+
+def decay_weights(variable, learning_rate, weight_decay):
+    """Returns `variable` after decoupled weight decay (`var -= var*wd*lr`).
+
+    Example:
+
+    >>> float(decay_weights(tf.constant(2.0), 0.5, 0.1))
+    1.9
+    """
+    return variable - variable * weight_decay * learning_rate
+
+
+def update_momentum(momentum, gradient, beta_1):
+    """Returns the first moment after one step: `m + (g - m)(1 - beta_1)`.
+
+    Example:
+
+    >>> float(update_momentum(tf.constant(0.0), tf.constant(1.0), 0.9))
+    0.1...
+    """
+    return momentum + (gradient - momentum) * (1 - beta_1)
+
+
+def update_velocity(velocity, gradient, beta_2):
+    """Returns the second moment after one step: `v + (g^2 - v)(1 - beta_2)`.
+
+    Example:
+
+    >>> float(update_velocity(tf.constant(0.0), tf.constant(2.0), 0.5))
+    2.0
+    """
+    return velocity + (tf.square(gradient) - velocity) * (1 - beta_2)
+
+
+def adam_delta(momentum, velocity, alpha, epsilon):
+    """Returns the amount Adam subtracts from a variable.
+
+    Example:
+
+    >>> float(adam_delta(tf.constant(1.0), tf.constant(4.0), 0.5, 0.0))
+    0.25
+    """
+    return (momentum * alpha) / (tf.sqrt(velocity) + epsilon)
+
+
+def adam_update(
+    variable,
+    gradient,
+    momentum,
+    velocity,
+    velocity_hat,
+    *,
+    learning_rate,
+    beta_1,
+    beta_2,
+    epsilon,
+    step,
+    weight_decay=None,
+):
+    """One Adam (or AdamW when `weight_decay` is given) step of one variable.
+
+    All tensors must share one floating dtype (see `compute_dtype`); the
+    hyperparameters are scalars of that dtype.
+
+    Args:
+        variable: Current value of the model variable.
+        gradient: Its dense gradient (see `densify`).
+        momentum: Current first moment.
+        velocity: Current second moment.
+        velocity_hat: Running maximum of `velocity` for amsgrad, else `None`.
+        learning_rate: The learning rate of this step.
+        beta_1: Decay of the first moment.
+        beta_2: Decay of the second moment.
+        epsilon: Added to `sqrt(velocity)`.
+        step: The 1-based step number `t`.
+        weight_decay: Decoupled weight decay, or `None` for none.
+
+    Returns:
+        An `AdamState` with the new values.
+
+    Example:
+
+    >>> state = adam_update(tf.constant(1.0), tf.constant(0.5),
+    ...                     tf.constant(0.0), tf.constant(0.0), None,
+    ...                     learning_rate=0.1, beta_1=0.9, beta_2=0.999,
+    ...                     epsilon=0.0, step=1.0)
+    >>> round(float(state.variable), 6)  # The first step moves by lr.
+    0.9
+    """
+    alpha = step_size(learning_rate, beta_1, beta_2, step)
+    if weight_decay is not None:
+        variable = decay_weights(variable, learning_rate, weight_decay)
+    momentum = update_momentum(momentum, gradient, beta_1)
+    velocity = update_velocity(velocity, gradient, beta_2)
+    denominator_velocity = velocity
+    if velocity_hat is not None:
+        velocity_hat = tf.maximum(velocity_hat, velocity)
+        denominator_velocity = velocity_hat
+    variable = variable - adam_delta(
+        momentum, denominator_velocity, alpha, epsilon
+    )
+    return AdamState(variable, momentum, velocity, velocity_hat)
+
+
+def clip_by_norm(gradient, clipnorm):
+    """Scales `gradient` so that its L2 norm is at most `clipnorm`.
+
+    Example:
+
+    >>> clip_by_norm(tf.constant([3.0, 4.0]), 1.0).numpy().tolist()
+    [0.6..., 0.8...]
+    """
+    return tf.clip_by_norm(gradient, clipnorm)
+
+
+def clip_by_global_norm(gradients, clipnorm):
+    """Scales all `gradients` by one factor so that their joint norm is at most
+    `clipnorm`. A non-finite norm makes every gradient NaN, as in Keras.
+
+    Example:
+
+    >>> [g.numpy().tolist() for g in clip_by_global_norm(
+    ...     [tf.constant([3.0]), tf.constant([4.0])], 1.0)]
+    [[0.6...], [0.8...]]
+    """
+    norm = tf.sqrt(
+        tf.add_n([tf.reduce_sum(tf.square(g)) for g in gradients])
+    )
+    clipnorm = tf.cast(clipnorm, norm.dtype)
+    scale = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
+    scale = scale + (norm - norm)  # NaN for an infinite or NaN norm.
+    return [g * tf.cast(scale, g.dtype) for g in gradients]
+
+
+def clip_by_value(gradient, clipvalue):
+    """Clips each element of `gradient` to `[-clipvalue, clipvalue]`.
+
+    Example:
+
+    >>> clip_by_value(tf.constant([-3.0, 0.5]), 1.0).numpy().tolist()
+    [-1.0, 0.5]
+    """
+    return tf.clip_by_value(gradient, -clipvalue, clipvalue)
+
+
+def clip_gradients(gradients, clipnorm=None, clipvalue=None,
+                   global_clipnorm=None):
+    """Applies the one clip option that is set (if any) to dense `gradients`.
+
+    Example:
+
+    >>> clip_gradients([tf.constant([3.0, 4.0])], clipvalue=1.0)[0].numpy()
+    array([1., 1.], dtype=float32)
+    """
+    if clipnorm:
+        return [clip_by_norm(g, clipnorm) for g in gradients]
+    if global_clipnorm:
+        return clip_by_global_norm(gradients, global_clipnorm)
+    if clipvalue:
+        return [clip_by_value(g, clipvalue) for g in gradients]
+    return list(gradients)
+
+
+def ema_update(average, variable, momentum):
+    """Returns the moving average after one step:
+    `momentum * average + (1 - momentum) * variable`.
+
+    Example:
+
+    >>> float(ema_update(tf.constant(1.0), tf.constant(3.0), 0.5))
+    2.0
+    """
+    return momentum * average + (1 - momentum) * variable

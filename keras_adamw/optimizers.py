@@ -1,0 +1,870 @@
+"""`keras_adamw.Adam` and `keras_adamw.AdamW`.
+
+The classes orchestrate one optimizer step; the formula itself lives in
+`keras_adamw.adam_math`. A step (`apply`) goes:
+
+1. check the gradients and variables (nothing has changed yet if this raises);
+2. build the slots on first use;
+3. densify `tf.IndexedSlices` (summing duplicate indices);
+4. evaluate the learning rate and callable hyperparameters in the caller's
+   context, so a schedule or callable is read afresh every step;
+5. run `_step`, either as one XLA program for all variables
+   (`jit_compile=True`) or op by op (`jit_compile=False`). `_run_step` is
+   the one place that chooses.
+
+`_step` unscales, accumulates (when `gradient_accumulation_steps` is set),
+clips, updates every variable with `adam_math.adam_update`, updates the EMA
+once per real step, applies constraints and counts the step.
+
+Keras version checked: 3.15.1. We override Keras' public `apply`,
+`apply_gradients`, `build`, `update_step`, `exclude_from_weight_decay`,
+`finalize_variable_values`, `set_weights` and `load_own_variables`, and call
+the base class' private `_get_variable_index`, `_var_key` and
+`_trainable_variables`, all of them present in every Keras 3 release.
+"""
+
+import re
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_adamw import adam_math
+from keras_adamw import validation
+
+
+class _Program:
+    """Holds a `tf.function` out of sight of TensorFlow's object tracking.
+
+    A `tf.function` stored directly on a trackable object is exported by
+    `tf.saved_model.save`, which would try to serialize our step program.
+    """
+
+    def __init__(self, function):
+        self.function = function
+
+
+def _tf_variable(variable):
+    """The `tf.Variable` behind a `keras.Variable` (or the variable itself)."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def _read(variable, dtype):
+    return tf.cast(tf.convert_to_tensor(_tf_variable(variable)), dtype)
+
+
+def _store(variable, value):
+    variable = _tf_variable(variable)
+    variable.assign(tf.cast(value, variable.dtype))
+
+
+@keras.saving.register_keras_serializable(package="keras_adamw")
+class Adam(keras.optimizers.Optimizer):
+    """Adam, a drop-in for `keras.optimizers.Adam`, fused and exact.
+
+    Same arguments, defaults and numbers as `keras.optimizers.Adam` (Keras 3),
+    except where Keras is wrong (see the README): duplicate sparse indices
+    are summed before use, half-precision variables are updated in float32,
+    EMA moves once per real step under gradient accumulation, and bad input
+    raises. With `jit_compile=True` (the default) the update of all variables
+    of a step is one XLA program, also on CPU where Keras turns XLA off.
+
+    Args:
+        learning_rate: A non-negative float, a scalar eager tensor, a
+            `keras.optimizers.schedules.LearningRateSchedule`, or a callable
+            taking no arguments and returning the rate. Defaults to `0.001`.
+        beta_1: Decay of the first moment: a float in `[0, 1)`, a scalar
+            tensor or a zero-argument callable. Defaults to `0.9`.
+        beta_2: Decay of the second moment, as `beta_1`. Defaults to `0.999`.
+        epsilon: Non-negative constant added to `sqrt(velocity)` ("epsilon
+            hat" in Kingma & Ba). Defaults to `1e-7`.
+        amsgrad: Whether to divide by the running maximum of the velocity
+            (Reddi et al., 2018). Defaults to `False`.
+        weight_decay: Decoupled weight decay (`var -= var * wd * lr` before
+            the Adam step), or `None`. Defaults to `None`.
+        clipnorm: Clip each gradient to this L2 norm. At most one of the
+            three clip options may be set.
+        clipvalue: Clip each gradient element to `[-clipvalue, clipvalue]`.
+        global_clipnorm: Clip all gradients jointly to this global L2 norm.
+        use_ema: Keep an exponential moving average of the model variables.
+        ema_momentum: EMA momentum in `[0, 1]`. Defaults to `0.99`.
+        ema_overwrite_frequency: Overwrite the model variables with their
+            average every this many (real) steps; `None` for never.
+        loss_scale_factor: Multiply the loss by this before differentiating
+            (`scale_loss`) and divide the gradients by it before the update.
+        gradient_accumulation_steps: An int >= 2: apply the mean gradient of
+            this many calls once, every this many calls.
+        jit_compile: Run the update of all variables of a step as one XLA
+            program. Defaults to `True`.
+        mesh: Reserved for the DTensor mode (`keras_adamw.dtensor`).
+        name: Name of the optimizer; defaults to `"adam"` (made unique as in
+            Keras).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_adamw.Adam(1e-3), loss="mse")
+    >>> model.fit(np.ones((8, 3)), np.ones((8, 1)), verbose=0).history.keys()
+    dict_keys(['loss'])
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        jit_compile=True,
+        mesh=None,
+        name=None,
+        **kwargs,
+    ):
+        # Every check runs before the base class creates any variable.
+        if kwargs:
+            raise ValueError(
+                f"{type(self).__name__} got unknown argument(s): "
+                f"{sorted(kwargs)} (values {kwargs})."
+            )
+        learning_rate = validation.check_learning_rate(learning_rate)
+        beta_1 = validation.check_number(
+            "beta_1", beta_1, low=0.0, high=1.0, high_open=True,
+            allow_callable=True, allow_tensor=True,
+        )
+        beta_2 = validation.check_number(
+            "beta_2", beta_2, low=0.0, high=1.0, high_open=True,
+            allow_callable=True, allow_tensor=True,
+        )
+        epsilon = validation.check_number("epsilon", epsilon, low=0.0)
+        if weight_decay is not None:
+            weight_decay = validation.check_number(
+                "weight_decay", weight_decay, low=0.0
+            )
+        amsgrad = validation.check_bool("amsgrad", amsgrad)
+        clipnorm, clipvalue, global_clipnorm = validation.check_clip_options(
+            clipnorm, clipvalue, global_clipnorm
+        )
+        use_ema = validation.check_bool("use_ema", use_ema)
+        ema_momentum = validation.check_number(
+            "ema_momentum", ema_momentum, low=0.0, high=1.0
+        )
+        ema_overwrite_frequency = validation.check_positive_int_or_none(
+            "ema_overwrite_frequency", ema_overwrite_frequency, 1
+        )
+        if loss_scale_factor is not None:
+            loss_scale_factor = validation.check_number(
+                "loss_scale_factor", loss_scale_factor, low=0.0
+            )
+            if loss_scale_factor == 0:
+                raise ValueError(
+                    "Argument `loss_scale_factor` must be > 0 or None. "
+                    f"Received: loss_scale_factor={loss_scale_factor}"
+                )
+        gradient_accumulation_steps = validation.check_positive_int_or_none(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 2
+        )
+        jit_compile = validation.check_bool("jit_compile", jit_compile)
+        if mesh is not None:
+            raise NotImplementedError(
+                "The DTensor mode (mesh=...) is not available in this "
+                f"release. Received: mesh={mesh}"
+            )
+
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.amsgrad = amsgrad
+        self.jit_compile = jit_compile
+        self.mesh = mesh
+        self._excluded_variable_keys = set()
+        self._excluded_name_pattern = None
+        self._xla_program = _Program(
+            tf.function(self._step, jit_compile=True, autograph=False)
+        )
+
+    # ------------------------------------------------------------------
+    # Variables.
+
+    def build(self, var_list):
+        """Creates the slots: `momentum` and `velocity` per variable, and
+        `velocity_hat` with amsgrad (plus the base class' EMA averages and
+        gradient accumulators). Names and order are Keras', so `.keras` files
+        and checkpoints are interchangeable with `keras.optimizers.Adam`.
+
+        Args:
+            var_list: The model variables this optimizer will update.
+
+        Raises:
+            TypeError: If a variable is not floating-point.
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> opt.build([keras.Variable([1.0, 2.0], name="w")])
+        >>> [v.name for v in opt.variables][2:]
+        ['w_momentum', 'w_velocity']
+        """
+        if self.built:
+            return
+        var_list = list(var_list)
+        for variable in var_list:
+            validation.check_variable(variable)
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
+        if self.amsgrad:
+            self._velocity_hats = self.add_optimizer_variables(
+                var_list, "velocity_hat"
+            )
+
+    def add_variable_from_reference(
+        self, reference_variable, name=None, initializer="zeros", shape=None
+    ):
+        """Adds an optimizer variable shaped like `reference_variable`.
+
+        Args:
+            reference_variable: The model variable it belongs to.
+            name: Suffix of the new variable's name (Keras 2 called this
+                `variable_name`); the name is `{path}_{name}`.
+            initializer: Keras initializer or its name. Defaults to zeros.
+            shape: Optional shape, for a slot not shaped like the variable.
+
+        Returns:
+            The new `keras.Variable`, colocated with `reference_variable`.
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> w = keras.Variable([1.0, 2.0], name="w")
+        >>> opt.add_variable_from_reference(w, "norm", shape=()).shape
+        ()
+        """
+        if shape is None:
+            return super().add_variable_from_reference(
+                reference_variable, name=name, initializer=initializer
+            )
+        prefix = validation.variable_name(reference_variable)
+        prefix = prefix.replace("/", "_").replace(":", "_")
+        return self.add_variable(
+            shape=shape,
+            initializer=initializer,
+            dtype=reference_variable.dtype,
+            name=f"{prefix}_{name or 'var'}",
+        )
+
+    # ------------------------------------------------------------------
+    # Weight decay.
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from weight decay. Call before `build`.
+
+        Args:
+            var_list: Variables to exclude.
+            var_names: Strings (regular expressions); a variable whose name
+                or path contains any of them is excluded. Keras 3 matches the
+                name only, so `"dense_1"` never matched `dense_1/kernel`.
+
+        Raises:
+            ValueError: If the optimizer is already built (Keras 3 silently
+                ignores the call then).
+            TypeError: If `var_names` is a single string.
+
+        Example:
+
+        >>> opt = keras_adamw.AdamW(weight_decay=0.1)
+        >>> opt.exclude_from_weight_decay(var_names=["bias", "norm"])
+        """
+        if self.built:
+            raise ValueError(
+                "`exclude_from_weight_decay()` must be called before the "
+                f"optimizer is built; {self.name!r} is already built on "
+                f"{len(self._trainable_variables)} variables."
+            )
+        if isinstance(var_names, str):
+            raise TypeError(
+                "Argument `var_names` must be a list of strings. Received "
+                f"the string var_names={var_names!r}; pass [{var_names!r}]."
+            )
+        var_names = list(var_names or [])
+        for pattern in var_names:
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    "Argument `var_names` must be a list of strings. "
+                    f"Received the element {pattern!r} in "
+                    f"var_names={var_names!r}"
+                )
+        self._excluded_variable_keys = set(
+            self._var_key(variable) for variable in (var_list or [])
+        )
+        self._excluded_name_pattern = (
+            re.compile("|".join(var_names)) if var_names else None
+        )
+
+    def _decays(self, variable):
+        """Whether weight decay applies to `variable`."""
+        if self.weight_decay is None:
+            return False
+        if self._var_key(variable) in self._excluded_variable_keys:
+            return False
+        pattern = self._excluded_name_pattern
+        if pattern is None:
+            return True
+        names = (variable.name, getattr(variable, "path", ""))
+        return not any(pattern.search(n or "") for n in names)
+
+    # ------------------------------------------------------------------
+    # Applying gradients.
+
+    def compute_gradients(self, loss, var_list, tape=None):
+        """Computes the gradients of `loss` (scaled by `loss_scale_factor`).
+
+        Args:
+            loss: A tensor computed under `tape`, or a zero-argument callable
+                returning the loss.
+            var_list: Variables, or a zero-argument callable returning them
+                (called after `loss`, so a model may build inside it).
+            tape: The `tf.GradientTape` that recorded a tensor `loss`.
+
+        Returns:
+            A list of `(gradient, variable)` pairs.
+
+        Example:
+
+        >>> w = tf.Variable(2.0)
+        >>> opt = keras_adamw.Adam()
+        >>> float(opt.compute_gradients(lambda: w * w, [w])[0][0])
+        4.0
+        """
+        if not callable(loss) and tape is None:
+            raise ValueError(
+                "`tape` is required when `loss` is a tensor rather than a "
+                f"callable. Received: loss={loss!r}, tape=None"
+            )
+        tape = tape if tape is not None else tf.GradientTape()
+        with tape:
+            if callable(loss):
+                loss = loss()
+            if callable(var_list):
+                var_list = var_list()
+            var_list = list(var_list)
+            if self.loss_scale_factor is not None:
+                loss = self.scale_loss(loss)
+        gradients = tape.gradient(loss, var_list)
+        return list(zip(gradients, var_list))
+
+    def minimize(self, loss, var_list, tape=None):
+        """Computes gradients of `loss` and applies them.
+
+        Args: as `compute_gradients`.
+
+        Returns:
+            The iteration counter variable.
+
+        Example:
+
+        >>> w = tf.Variable(2.0)
+        >>> opt = keras_adamw.Adam(learning_rate=0.1)
+        >>> _ = opt.minimize(lambda: w * w, [w])
+        >>> round(float(w.numpy()), 4)
+        1.9
+        """
+        grads_and_vars = self.compute_gradients(loss, var_list, tape=tape)
+        return self.apply_gradients(grads_and_vars)
+
+    def aggregate_gradients(self, grads_and_vars):
+        """Sums gradients across replicas when called in a replica context of
+        a `tf.distribute` strategy; returns them unchanged otherwise.
+
+        Args:
+            grads_and_vars: `(gradient, variable)` pairs.
+
+        Returns:
+            A list of `(gradient, variable)` pairs.
+
+        Example:
+
+        >>> w = tf.Variable(1.0)
+        >>> keras_adamw.Adam().aggregate_gradients([(tf.constant(2.0), w)])
+        [(<tf.Tensor: shape=(), dtype=float32, numpy=2.0>, <tf.Variable ...>)]
+        """
+        grads_and_vars = list(grads_and_vars)
+        context = tf.distribute.get_replica_context()
+        if context is None or not tf.distribute.has_strategy():
+            return grads_and_vars
+        present = [g for g, _ in grads_and_vars if g is not None]
+        if not present:
+            return grads_and_vars
+        reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+        return [
+            (None if g is None else next(reduced), v)
+            for g, v in grads_and_vars
+        ]
+
+    def apply_gradients(
+        self, grads_and_vars, name=None, skip_gradients_aggregation=False
+    ):
+        """Applies `(gradient, variable)` pairs.
+
+        Args:
+            grads_and_vars: Iterable of `(gradient, variable)` pairs.
+            name: Ignored; kept for Keras 2 compatibility.
+            skip_gradients_aggregation: If true, the gradients are taken as
+                already summed across replicas.
+
+        Returns:
+            The iteration counter variable.
+
+        Example:
+
+        >>> w = tf.Variable([1.0, 2.0])
+        >>> opt = keras_adamw.AdamW(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(tf.constant([1.0, -1.0]), w)])
+        >>> int(opt.iterations)
+        1
+        """
+        del name
+        grads_and_vars = list(grads_and_vars)
+        if not skip_gradients_aggregation:
+            grads_and_vars = self.aggregate_gradients(grads_and_vars)
+        grads = [g for g, _ in grads_and_vars]
+        variables = [v for _, v in grads_and_vars]
+        self.apply(grads, variables)
+        return self._iterations
+
+    def apply(self, grads, trainable_variables=None):
+        """Updates `trainable_variables` with `grads`.
+
+        Args:
+            grads: Gradients (tensors, `tf.IndexedSlices` or `None`), one per
+                variable.
+            trainable_variables: The variables; may be omitted once built, to
+                update all variables the optimizer was built with.
+
+        Raises:
+            ValueError: If the numbers of gradients and variables differ, a
+                shape differs, a variable is unknown, or every gradient is
+                `None`. Nothing has changed then.
+            TypeError: If a variable or gradient is not floating-point.
+
+        Example:
+
+        >>> w = keras.Variable([1.0, 2.0])
+        >>> opt = keras_adamw.Adam(learning_rate=0.1)
+        >>> opt.apply([tf.constant([1.0, -1.0])], [w])
+        >>> w.numpy().round(4).tolist()
+        [0.9, 2.1]
+        """
+        grads = list(grads)
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When `trainable_variables` is omitted the optimizer must "
+                    "already be built; call `optimizer.build(variables)`."
+                )
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if len(grads) != len(trainable_variables):
+            raise ValueError(
+                f"Received {len(grads)} gradients for "
+                f"{len(trainable_variables)} variables; they must pair one to "
+                "one. Variables: "
+                f"{[validation.variable_name(v) for v in trainable_variables]}"
+            )
+        if not grads:
+            return
+        self._check_distribution()
+        present, missing = self._check_pairs(grads, trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        if missing:
+            warnings.warn(
+                f"{self.name}: no gradient for variables {missing}; they are "
+                "not updated in this step.",
+                stacklevel=2,
+            )
+        indices = tuple(self._get_variable_index(v) for _, v in present)
+        gradients = [adam_math.densify(g) for g, _ in present]
+        self._run_step(gradients, indices, self._hyperparameters())
+
+    def _check_pairs(self, grads, variables):
+        """Checks gradients against variables; returns the pairs with a
+        gradient and the names of the variables without one."""
+        known = None
+        if self.built:
+            known = self._trainable_variables_indices
+        present, missing = [], []
+        for gradient, variable in zip(grads, variables):
+            validation.check_variable(variable)
+            if known is not None and self._var_key(variable) not in known:
+                raise ValueError(
+                    f"Unknown variable {validation.variable_name(variable)!r}:"
+                    f" optimizer {self.name!r} was built on other variables. "
+                    "Create a new optimizer for a new set of variables."
+                )
+            if getattr(variable, "overwrite_with_gradient", False):
+                raise NotImplementedError(
+                    "Variables with `overwrite_with_gradient=True` (float8 "
+                    "training) are not supported. Received: "
+                    f"{validation.variable_name(variable)!r}"
+                )
+            if gradient is None:
+                missing.append(validation.variable_name(variable))
+            else:
+                validation.check_gradient(gradient, variable)
+                present.append((gradient, variable))
+        if not present:
+            raise ValueError(
+                "No gradients provided for any variable. Variables: "
+                f"{missing}"
+            )
+        return present, missing
+
+    def _check_distribution(self):
+        if tf.distribute.has_strategy():
+            raise NotImplementedError(
+                "tf.distribute strategies are not supported in this release "
+                f"(got {type(tf.distribute.get_strategy()).__name__})."
+            )
+
+    def _hyperparameters(self, learning_rate=None):
+        """Evaluates the hyperparameters in the caller's context, so that a
+        schedule, callable or changed attribute is seen at every step."""
+        if learning_rate is None:
+            learning_rate = self.learning_rate
+
+        def value(x):
+            x = x() if callable(x) and not tf.is_tensor(x) else x
+            return tf.convert_to_tensor(x, dtype_hint=tf.float64)
+
+        hyper = {
+            "learning_rate": value(learning_rate),
+            "beta_1": value(self.beta_1),
+            "beta_2": value(self.beta_2),
+            "epsilon": value(self.epsilon),
+        }
+        if self.weight_decay is not None:
+            hyper["weight_decay"] = value(self.weight_decay)
+        return hyper
+
+    def _run_step(self, gradients, indices, hyper):
+        """The one place that picks the execution path of a step."""
+        if self.jit_compile:
+            self._xla_program.function(gradients, indices, hyper)
+        else:
+            self._step(gradients, indices, hyper)
+
+    def _step(self, gradients, indices, hyper):
+        """One call's work: unscale, accumulate or update, count the step."""
+        variables = [self._trainable_variables[i] for i in indices]
+        gradients = [
+            tf.cast(g, adam_math.compute_dtype(v.dtype))
+            for g, v in zip(gradients, variables)
+        ]
+        if self.loss_scale_factor is not None:
+            gradients = [g / self.loss_scale_factor for g in gradients]
+
+        steps = self.gradient_accumulation_steps
+        if steps:
+            accumulators = [self._accumulated_gradients[i] for i in indices]
+
+            def update():
+                mean = [
+                    (g + _read(a, g.dtype)) / steps
+                    for g, a in zip(gradients, accumulators)
+                ]
+                self._update(mean, indices, hyper)
+                for accumulator in self._accumulated_gradients:
+                    _store(accumulator, tf.zeros_like(accumulator))
+
+            def accumulate():
+                for g, a in zip(gradients, accumulators):
+                    _store(a, _read(a, g.dtype) + g)
+
+            tf.cond(
+                tf.equal((self._iterations + 1) % steps, 0),
+                update,
+                accumulate,
+            )
+        else:
+            self._update(gradients, indices, hyper)
+
+        for variable in variables:
+            constraint = getattr(variable, "constraint", None)
+            if constraint is not None:
+                variable.assign(constraint(variable))
+        self._iterations.assign_add(1)
+
+    def _update(self, gradients, indices, hyper):
+        """A real step: clip, update each variable, then the EMA."""
+        gradients = adam_math.clip_gradients(
+            gradients, self.clipnorm, self.clipvalue, self.global_clipnorm
+        )
+        step = self.iterations + 1
+        for gradient, index in zip(gradients, indices):
+            self._update_variable(gradient, index, step, hyper)
+        if self.use_ema:
+            self._update_moving_average()
+
+    def _update_variable(self, gradient, index, step, hyper):
+        """Applies `adam_math.adam_update` to one variable and its slots."""
+        variable = self._trainable_variables[index]
+        dtype = adam_math.compute_dtype(variable.dtype)
+        velocity_hat = self._velocity_hats[index] if self.amsgrad else None
+        weight_decay = None
+        if self._decays(variable):
+            weight_decay = tf.cast(hyper["weight_decay"], dtype)
+        state = adam_math.adam_update(
+            _read(variable, dtype),
+            tf.cast(gradient, dtype),
+            _read(self._momentums[index], dtype),
+            _read(self._velocities[index], dtype),
+            None if velocity_hat is None else _read(velocity_hat, dtype),
+            learning_rate=tf.cast(hyper["learning_rate"], dtype),
+            beta_1=tf.cast(hyper["beta_1"], dtype),
+            beta_2=tf.cast(hyper["beta_2"], dtype),
+            epsilon=tf.cast(hyper["epsilon"], dtype),
+            step=tf.cast(step, dtype),
+            weight_decay=weight_decay,
+        )
+        _store(variable, state.variable)
+        _store(self._momentums[index], state.momentum)
+        _store(self._velocities[index], state.velocity)
+        if velocity_hat is not None:
+            _store(velocity_hat, state.velocity_hat)
+
+    def _update_moving_average(self):
+        """Moves the EMA once per real step; the first step copies."""
+        real_step = self.iterations
+        for variable, average in zip(
+            self._trainable_variables, self._model_variables_moving_average
+        ):
+            if average is None:
+                continue
+            dtype = adam_math.compute_dtype(variable.dtype)
+            momentum = tf.cast(tf.not_equal(real_step, 0), dtype) * tf.cast(
+                self.ema_momentum, dtype
+            )
+            _store(
+                average,
+                adam_math.ema_update(
+                    _read(average, dtype), _read(variable, dtype), momentum
+                ),
+            )
+        if self.ema_overwrite_frequency:
+
+            def overwrite():
+                self._copy_averages_to(self._trainable_variables)
+
+            tf.cond(
+                tf.equal((real_step + 1) % self.ema_overwrite_frequency, 0),
+                overwrite,
+                lambda: None,
+            )
+
+    def _copy_averages_to(self, var_list):
+        for variable in var_list:
+            index = self._get_variable_index(variable)
+            average = self._model_variables_moving_average[index]
+            if average is not None:
+                _store(variable, tf.convert_to_tensor(_tf_variable(average)))
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Updates one variable: the single-variable path of the formula.
+
+        Unlike Keras, whose base class applies weight decay outside
+        `update_step`, this applies the whole AdamW step (decay included) to
+        `variable` and its slots. The step counter is not advanced.
+
+        Args:
+            gradient: Its gradient (tensor or `tf.IndexedSlices`).
+            variable: A variable this optimizer was built with.
+            learning_rate: The learning rate to use.
+
+        Example:
+
+        >>> w = keras.Variable([1.0])
+        >>> opt = keras_adamw.Adam()
+        >>> opt.build([w])
+        >>> opt.update_step(tf.constant([1.0]), w, 0.5)
+        >>> w.numpy().round(4).tolist()
+        [0.5]
+        """
+        index = self._get_variable_index(variable)
+        self._update_variable(
+            adam_math.densify(gradient),
+            index,
+            self.iterations + 1,
+            self._hyperparameters(learning_rate),
+        )
+
+    # ------------------------------------------------------------------
+    # EMA, state and configuration.
+
+    def finalize_variable_values(self, var_list):
+        """With `use_ema`, overwrites `var_list` with their moving averages.
+
+        Args:
+            var_list: Model variables this optimizer was built with.
+
+        Example:
+
+        >>> w = keras.Variable([1.0])
+        >>> opt = keras_adamw.Adam(use_ema=True)
+        >>> opt.apply([tf.constant([1.0])], [w])
+        >>> opt.finalize_variable_values([w])
+        """
+        if self.use_ema and self.built:
+            self._copy_averages_to(list(var_list))
+
+    def set_weights(self, weights):
+        """Sets the optimizer's variables from a list of arrays.
+
+        Args:
+            weights: Arrays in the order of `optimizer.variables`.
+
+        Raises:
+            ValueError: If unbuilt, or the count or a shape differs. Nothing
+                is assigned then.
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> opt.build([keras.Variable([1.0])])
+        >>> opt.set_weights([v.numpy() for v in opt.variables])
+        """
+        if not self.built:
+            raise ValueError(
+                f"Optimizer {self.name!r} is not built; call "
+                "`optimizer.build(variables)` before `set_weights()`."
+            )
+        weights = list(weights)
+        if len(weights) != len(self.variables):
+            raise ValueError(
+                f"Optimizer {self.name!r} has {len(self.variables)} variables "
+                f"but `set_weights` received {len(weights)} arrays."
+            )
+        for variable, weight in zip(self.variables, weights):
+            if tuple(variable.shape) != tuple(np.shape(weight)):
+                raise ValueError(
+                    f"Optimizer variable {variable.path!r} has shape "
+                    f"{tuple(variable.shape)} but the array for it has shape "
+                    f"{tuple(np.shape(weight))}."
+                )
+        for variable, weight in zip(self.variables, weights):
+            variable.assign(weight)
+
+    def get_config(self):
+        """Returns the constructor arguments as a serializable dict.
+
+        Example:
+
+        >>> keras_adamw.AdamW().get_config()["weight_decay"]
+        0.004
+        """
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "jit_compile": self.jit_compile,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_adamw")
+class AdamW(Adam):
+    """AdamW, a drop-in for `keras.optimizers.AdamW`, fused and exact.
+
+    Adam with decoupled weight decay (Loshchilov & Hutter, 2019): each step
+    first shrinks every variable by `variable * weight_decay * lr`, then
+    takes the Adam step. Arguments are `keras_adamw.Adam`'s, with
+    `weight_decay` defaulting to `0.004` and required.
+
+    Args:
+        learning_rate: See `keras_adamw.Adam`. Defaults to `0.001`.
+        weight_decay: Non-negative float. Defaults to `0.004`.
+        **kwargs: The other arguments of `keras_adamw.Adam`.
+
+    Example:
+
+    >>> opt = keras_adamw.AdamW(learning_rate=1e-3, weight_decay=0.01)
+    >>> opt.exclude_from_weight_decay(var_names=["bias"])
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.004,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        jit_compile=True,
+        mesh=None,
+        name=None,
+        **kwargs,
+    ):
+        if weight_decay is None:
+            raise ValueError(
+                "Argument `weight_decay` of AdamW must be a non-negative "
+                "float. Received: weight_decay=None (use keras_adamw.Adam "
+                "for no weight decay)."
+            )
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            jit_compile=jit_compile,
+            mesh=mesh,
+            name=name,
+            **kwargs,
+        )

@@ -1,0 +1,259 @@
+"""Checks of constructor arguments and of gradients.
+
+Each check raises `TypeError` (wrong kind of value) or `ValueError` (a value
+out of range) naming the argument or variable and the value received. The
+optimizer runs them before it changes any state.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+
+def _is_real_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _constant_value(name, value):
+    """Returns `value` as a Python float if it is a number or an eager scalar
+    tensor, `None` if it is a callable or symbolic tensor (checked later)."""
+    if _is_real_number(value) or isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray)):
+        if len(value.shape) != 0:
+            raise ValueError(
+                f"Argument `{name}` must be a scalar. Received: {name}={value}"
+            )
+        if not tf.as_dtype(value.dtype).is_floating and not (
+            tf.as_dtype(value.dtype).is_integer
+        ):
+            raise TypeError(
+                f"Argument `{name}` must be a real number. Received: "
+                f"{name}={value!r}"
+            )
+        if isinstance(value, tf.Tensor) and not tf.executing_eagerly():
+            return None
+        return float(np.asarray(value))
+    return None
+
+
+def check_number(name, value, *, low=None, high=None, high_open=False,
+                 allow_callable=False, allow_tensor=False):
+    """Checks that `value` is a finite real number in `[low, high]`.
+
+    Args:
+        name: The argument's name, used in the message.
+        value: The value received.
+        low: Smallest allowed value, or `None`.
+        high: Largest allowed value, or `None`.
+        high_open: If true, `high` itself is not allowed.
+        allow_callable: Accept a zero-argument callable (checked when used).
+        allow_tensor: Accept a scalar tensor.
+
+    Returns:
+        `value` as a float, or unchanged when it is a callable or tensor.
+
+    Example:
+
+    >>> check_number("epsilon", 1e-7, low=0.0)
+    1e-07
+    """
+    if allow_callable and callable(value) and not isinstance(
+        value, (tf.Tensor, tf.Variable)
+    ):
+        return value
+    is_tensor = isinstance(value, (tf.Tensor, tf.Variable, np.ndarray))
+    if is_tensor and not allow_tensor:
+        raise TypeError(
+            f"Argument `{name}` must be a float. Received: {name}={value!r}"
+        )
+    number = _constant_value(name, value)
+    if number is None and not is_tensor:
+        raise TypeError(
+            f"Argument `{name}` must be a real number"
+            + (", a tensor or a callable" if allow_callable else "")
+            + f". Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if number is not None:
+        interval = (
+            f"[{low if low is not None else '-inf'}, "
+            f"{high if high is not None else 'inf'}"
+            + (")" if high_open else "]")
+        )
+        if (
+            not math.isfinite(number)
+            or (low is not None and number < low)
+            or (high is not None and (number > high
+                                      or (high_open and number == high)))
+        ):
+            raise ValueError(
+                f"Argument `{name}` must be a finite number in {interval}. "
+                f"Received: {name}={value}"
+            )
+    if is_tensor:
+        return value
+    return number
+
+
+def check_learning_rate(value):
+    """Checks a learning rate: a non-negative number, a scalar tensor, a
+    `LearningRateSchedule` or a zero-argument callable.
+
+    Example:
+
+    >>> check_learning_rate(1e-3)
+    0.001
+    """
+    import keras
+
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
+    value = check_number(
+        "learning_rate", value, low=0.0, allow_callable=True,
+        allow_tensor=True,
+    )
+    if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray)):
+        number = _constant_value("learning_rate", value)
+        if number is None:
+            raise TypeError(
+                "Argument `learning_rate` must be a number, a schedule or a "
+                "callable, or an eager tensor. Received the symbolic tensor "
+                f"learning_rate={value}"
+            )
+        return number
+    return value
+
+
+def check_positive_int_or_none(name, value, minimum):
+    """Checks that `value` is `None` or an int (not a bool) >= `minimum`.
+
+    Example:
+
+    >>> check_positive_int_or_none("gradient_accumulation_steps", 4, 2)
+    4
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(
+        value, (numbers.Integral, np.integer)
+    ):
+        raise TypeError(
+            f"Argument `{name}` must be an int >= {minimum} or None. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"Argument `{name}` must be an int >= {minimum} or None. "
+            f"Received: {name}={value}"
+        )
+    return int(value)
+
+
+def check_clip_options(clipnorm, clipvalue, global_clipnorm):
+    """Checks that at most one clip option is set, and that it is positive.
+
+    Example:
+
+    >>> check_clip_options(1.0, None, None)
+    (1.0, None, None)
+    """
+    options = {
+        "clipnorm": clipnorm,
+        "clipvalue": clipvalue,
+        "global_clipnorm": global_clipnorm,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
+            "be set. Received: "
+            + ", ".join(f"{k}={v}" for k, v in given.items())
+        )
+    for name, value in given.items():
+        number = check_number(name, value, low=0.0)
+        if number == 0.0:
+            raise ValueError(
+                f"Argument `{name}` must be > 0 or None. Received: "
+                f"{name}={value}"
+            )
+        options[name] = number
+    return options["clipnorm"], options["clipvalue"], options["global_clipnorm"]
+
+
+def check_bool(name, value):
+    """Checks that `value` is a bool.
+
+    Example:
+
+    >>> check_bool("amsgrad", False)
+    False
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"Argument `{name}` must be a bool. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
+def variable_name(variable):
+    """The most telling name of a variable: its Keras path, else its name."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def check_variable(variable):
+    """Checks that `variable` has a floating dtype.
+
+    Example:
+
+    >>> check_variable(tf.Variable(1.0)) is None
+    True
+    """
+    dtype = tf.as_dtype(variable.dtype)
+    if not dtype.is_floating:
+        raise TypeError(
+            f"Variable {variable_name(variable)!r} has dtype {dtype.name}; "
+            "an Adam optimizer can only update floating-point variables."
+        )
+
+
+def check_gradient(gradient, variable):
+    """Checks that a non-`None` gradient matches its variable's shape and is
+    a floating tensor or `tf.IndexedSlices`.
+
+    Example:
+
+    >>> check_gradient(tf.zeros([2]), tf.Variable([1.0, 2.0])) is None
+    True
+    """
+    if isinstance(gradient, tf.IndexedSlices):
+        shape = gradient.dense_shape
+        static = tf.get_static_value(shape) if shape is not None else None
+        grad_shape = (
+            tf.TensorShape(static) if static is not None
+            else tf.TensorShape([None]).concatenate(gradient.values.shape[1:])
+        )
+        dtype = gradient.values.dtype
+    else:
+        if not tf.is_tensor(gradient) and not isinstance(
+            gradient, (np.ndarray, numbers.Number)
+        ):
+            raise TypeError(
+                f"The gradient of variable {variable_name(variable)!r} must "
+                f"be a tensor or tf.IndexedSlices. Received: {gradient!r}"
+            )
+        gradient = tf.convert_to_tensor(gradient)
+        grad_shape = gradient.shape
+        dtype = gradient.dtype
+    if not tf.as_dtype(dtype).is_floating:
+        raise TypeError(
+            f"The gradient of variable {variable_name(variable)!r} has dtype "
+            f"{tf.as_dtype(dtype).name}; it must be floating-point."
+        )
+    if not grad_shape.is_compatible_with(variable.shape):
+        raise ValueError(
+            f"The gradient of variable {variable_name(variable)!r} has shape "
+            f"{grad_shape}, but the variable has shape "
+            f"{tf.TensorShape(variable.shape)}."
+        )
