@@ -33,6 +33,21 @@ AdamState.__doc__ = """Values of one model variable and its slots after a step.
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 
 
+def as_scalar(value, dtype):
+    """Returns `value` (a Python number or tensor) as a scalar of `dtype`.
+
+    `tf.cast(0.9, tf.float64)` would round 0.9 to float32 first; this does not.
+
+    Example:
+
+    >>> float(as_scalar(0.9, tf.float64))
+    0.9
+    """
+    if tf.is_tensor(value):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
+
+
 def compute_dtype(dtype):
     """Returns the dtype the update of a variable of `dtype` is computed in.
 
@@ -205,7 +220,7 @@ def clip_by_norm(gradient, clipnorm):
     >>> clip_by_norm(tf.constant([3.0, 4.0]), 1.0).numpy().tolist()
     [0.6..., 0.8...]
     """
-    return tf.clip_by_norm(gradient, clipnorm)
+    return tf.clip_by_norm(gradient, as_scalar(clipnorm, gradient.dtype))
 
 
 def clip_by_global_norm(gradients, clipnorm):
@@ -218,10 +233,11 @@ def clip_by_global_norm(gradients, clipnorm):
     ...     [tf.constant([3.0]), tf.constant([4.0])], 1.0)]
     [[0.6...], [0.8...]]
     """
-    norm = tf.sqrt(
-        tf.add_n([tf.reduce_sum(tf.square(g)) for g in gradients])
-    )
-    clipnorm = tf.cast(clipnorm, norm.dtype)
+    squares = [tf.reduce_sum(tf.square(g)) for g in gradients]
+    # Variables of mixed precision: sum in the widest dtype among them.
+    dtype = max((s.dtype for s in squares), key=lambda d: d.size)
+    norm = tf.sqrt(tf.add_n([tf.cast(s, dtype) for s in squares]))
+    clipnorm = as_scalar(clipnorm, norm.dtype)
     scale = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
     scale = scale + (norm - norm)  # NaN for an infinite or NaN norm.
     return [g * tf.cast(scale, g.dtype) for g in gradients]
@@ -235,6 +251,7 @@ def clip_by_value(gradient, clipvalue):
     >>> clip_by_value(tf.constant([-3.0, 0.5]), 1.0).numpy().tolist()
     [-1.0, 0.5]
     """
+    clipvalue = as_scalar(clipvalue, gradient.dtype)
     return tf.clip_by_value(gradient, -clipvalue, clipvalue)
 
 

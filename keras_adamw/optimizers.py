@@ -588,7 +588,10 @@ class Adam(keras.optimizers.Optimizer):
             for g, v in zip(gradients, variables)
         ]
         if self.loss_scale_factor is not None:
-            gradients = [g / self.loss_scale_factor for g in gradients]
+            gradients = [
+                g / adam_math.as_scalar(self.loss_scale_factor, g.dtype)
+                for g in gradients
+            ]
 
         steps = self.gradient_accumulation_steps
         if steps:
@@ -668,9 +671,9 @@ class Adam(keras.optimizers.Optimizer):
             if average is None:
                 continue
             dtype = adam_math.compute_dtype(variable.dtype)
-            momentum = tf.cast(tf.not_equal(real_step, 0), dtype) * tf.cast(
-                self.ema_momentum, dtype
-            )
+            momentum = tf.cast(
+                tf.not_equal(real_step, 0), dtype
+            ) * adam_math.as_scalar(self.ema_momentum, dtype)
             _store(
                 average,
                 adam_math.ema_update(

@@ -1,0 +1,121 @@
+"""An independent float64 NumPy reference of Adam/AdamW, written for the tests.
+
+It shares no code with `keras_adamw`. It follows Keras 3's AdamW formula and
+orchestration (clip, weight decay, update, EMA, accumulation), with the
+corrections `keras_adamw` documents: duplicate sparse indices are summed
+(the caller passes the dense gradient), EMA moves once per real step, and the
+bias correction uses the same beta as the moment update.
+"""
+
+import numpy as np
+
+
+class NumpyAdam:
+    """Float64 Adam/AdamW on a list of NumPy arrays.
+
+    `learning_rate` may be a float or a function of the raw step counter
+    (the number of `step` calls before this one), as Keras' schedules are.
+    `beta_1`/`beta_2` may be zero-argument callables.
+    """
+
+    def __init__(self, weights, learning_rate=1e-3, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, amsgrad=False, weight_decay=None,
+                 clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99,
+                 ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, decay_mask=None):
+        self.weights = [np.array(w, dtype=np.float64) for w in weights]
+        self.momentums = [np.zeros_like(w) for w in self.weights]
+        self.velocities = [np.zeros_like(w) for w in self.weights]
+        self.velocity_hats = [np.zeros_like(w) for w in self.weights]
+        self.averages = [np.zeros_like(w) for w in self.weights]
+        self.accumulators = [np.zeros_like(w) for w in self.weights]
+        self.learning_rate = learning_rate
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.amsgrad = amsgrad
+        self.weight_decay = weight_decay
+        self.clipnorm, self.clipvalue = clipnorm, clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.use_ema, self.ema_momentum = use_ema, ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.loss_scale_factor = loss_scale_factor
+        self.accumulation = gradient_accumulation_steps
+        self.decay_mask = decay_mask or [True] * len(self.weights)
+        self.calls = 0  # Keras' raw `_iterations`.
+        self.real_steps = 0  # Keras' `iterations`.
+
+    @staticmethod
+    def _value(x):
+        return float(x()) if callable(x) else float(x)
+
+    def _lr(self):
+        lr = self.learning_rate
+        return float(lr(self.calls)) if callable(lr) else float(lr)
+
+    def _clip(self, grads):
+        if self.clipnorm:
+            return [g * min(1.0, self.clipnorm / np.sqrt(np.sum(g * g)))
+                    if np.sum(g * g) > 0 else g for g in grads]
+        if self.global_clipnorm:
+            norm = np.sqrt(sum(np.sum(g * g) for g in grads))
+            scale = min(1.0, self.global_clipnorm / norm)
+            return [g * scale for g in grads]
+        if self.clipvalue:
+            return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
+        return grads
+
+    def step(self, grads):
+        """One optimizer call with dense float64 gradients (None = absent)."""
+        grads = [None if g is None else np.asarray(g, np.float64)
+                 for g in grads]
+        if self.loss_scale_factor:
+            grads = [None if g is None else g / self.loss_scale_factor
+                     for g in grads]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if self.accumulation:
+            if (self.calls + 1) % self.accumulation == 0:
+                mean = [(grads[i] + self.accumulators[i]) / self.accumulation
+                        for i in present]
+                self._real_step(present, mean)
+                self.accumulators = [np.zeros_like(a)
+                                     for a in self.accumulators]
+            else:
+                for i in present:
+                    self.accumulators[i] = self.accumulators[i] + grads[i]
+        else:
+            self._real_step(present, [grads[i] for i in present])
+        self.calls += 1
+
+    def _real_step(self, present, grads):
+        grads = self._clip(grads)
+        lr = self._lr()
+        b1, b2 = self._value(self.beta_1), self._value(self.beta_2)
+        t = self.real_steps + 1
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        for i, g in zip(present, grads):
+            w = self.weights[i]
+            if self.weight_decay is not None and self.decay_mask[i]:
+                w = w - w * self.weight_decay * lr
+            self.momentums[i] = self.momentums[i] + (g - self.momentums[i]) * (1 - b1)
+            self.velocities[i] = self.velocities[i] + (g * g - self.velocities[i]) * (1 - b2)
+            v = self.velocities[i]
+            if self.amsgrad:
+                self.velocity_hats[i] = np.maximum(self.velocity_hats[i], v)
+                v = self.velocity_hats[i]
+            self.weights[i] = w - alpha * self.momentums[i] / (np.sqrt(v) + self.epsilon)
+        if self.use_ema:
+            momentum = self.ema_momentum if self.real_steps > 0 else 0.0
+            self.averages = [momentum * a + (1 - momentum) * w
+                             for a, w in zip(self.averages, self.weights)]
+            freq = self.ema_overwrite_frequency
+            if freq and (self.real_steps + 1) % freq == 0:
+                self.weights = [a.copy() for a in self.averages]
+        self.real_steps += 1
+
+
+def dense_from_sparse(indices, values, num_rows):
+    """The dense gradient of a gather: rows of repeated indices are summed."""
+    dense = np.zeros((num_rows,) + np.shape(values)[1:], np.float64)
+    for index, row in zip(indices, values):
+        dense[index] += row
+    return dense
