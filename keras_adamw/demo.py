@@ -1,0 +1,113 @@
+"""Trains a small model with keras_adamw.AdamW and keras.optimizers.AdamW.
+
+Both start from the same weights and see the same batches; the demo prints
+the losses as training goes and, at the end, how far apart the two runs'
+weights are (they agree to float32 rounding).
+
+Usage:
+
+    python -m keras_adamw.demo --epochs=5 --learning_rate=3e-3
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("epochs", 5, "Epochs to train each optimizer.",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Examples per step.", lower_bound=1)
+flags.DEFINE_integer("examples", 2048, "Size of the synthetic data set.",
+                     lower_bound=1)
+flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate.",
+                   lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 0.004, "AdamW decoupled weight decay.",
+                   lower_bound=0.0)
+flags.DEFINE_boolean("jit_compile", True,
+                     "Run keras_adamw's update as one XLA program per step.")
+flags.DEFINE_integer("seed", 0, "Seed for data and initial weights.")
+flags.DEFINE_integer("verbose", 2, "Keras fit verbosity: 0, 1 or 2.",
+                     lower_bound=0, upper_bound=2)
+
+
+def make_data(examples, seed):
+    """A synthetic regression task: y = sin(x @ a) + noise."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    x = rng.randn(examples, 16).astype("float32")
+    a = rng.randn(16, 4).astype("float32") / 4.0
+    y = np.sin(x @ a) + 0.01 * rng.randn(examples, 4).astype("float32")
+    return x, y
+
+
+def make_model(seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((16,)),
+        keras.layers.Dense(64, activation="gelu"),
+        keras.layers.Dense(64, activation="gelu"),
+        keras.layers.Dense(4),
+    ])
+
+
+def train(optimizer, x, y):
+    """Fits a fresh model with `optimizer`; returns (losses, weights)."""
+    model = make_model(FLAGS.seed)
+    model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(x, y, batch_size=FLAGS.batch_size,
+                        epochs=FLAGS.epochs, shuffle=False,
+                        verbose=FLAGS.verbose)
+    return history.history["loss"], [v.numpy() for v in model.weights]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import keras
+    import numpy as np
+
+    import keras_adamw
+
+    x, y = make_data(FLAGS.examples, FLAGS.seed)
+    kwargs = dict(learning_rate=FLAGS.learning_rate,
+                  weight_decay=FLAGS.weight_decay)
+    print(f"keras_adamw.AdamW (jit_compile={FLAGS.jit_compile}):")
+    ours, our_weights = train(
+        keras_adamw.AdamW(jit_compile=FLAGS.jit_compile, **kwargs), x, y)
+    print("keras.optimizers.AdamW:")
+    theirs, their_weights = train(keras.optimizers.AdamW(**kwargs), x, y)
+
+    print("\nepoch  keras_adamw.AdamW  keras.optimizers.AdamW")
+    for epoch, (a, b) in enumerate(zip(ours, theirs), 1):
+        print(f"{epoch:5d}  {a:17.6f}  {b:22.6f}")
+    difference = max(float(np.max(np.abs(a - b)))
+                     for a, b in zip(our_weights, their_weights))
+    scale = max(float(np.max(np.abs(b))) for b in their_weights)
+    print(f"\nloss: {ours[0]:.4f} -> {ours[-1]:.4f} (keras_adamw), "
+          f"{theirs[0]:.4f} -> {theirs[-1]:.4f} (keras)")
+    print(f"largest weight difference after training: {difference:.3g} "
+          f"(largest weight {scale:.3g})")
+
+
+def _parse_flags(argv):
+    """Parses flags; a bad flag is a usage error: message and exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"{argv[0]}: {error}\nPass --help for the flags.\n")
+        sys.exit(2)
+
+
+def run():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
