@@ -18,7 +18,7 @@ once per real step, applies constraints and counts the step.
 
 Keras version checked: 3.15.1. We override Keras' public `apply`,
 `apply_gradients`, `build`, `update_step`, `exclude_from_weight_decay`,
-`finalize_variable_values`, `set_weights` and `load_own_variables`, and call
+`finalize_variable_values` and `set_weights`, and call
 the base class' private `_get_variable_index`, `_var_key` and
 `_trainable_variables`, all of them present in every Keras 3 release.
 """
@@ -500,6 +500,7 @@ class Adam(keras.optimizers.Optimizer):
             return
         self._check_distribution()
         present, missing = self._check_pairs(grads, trainable_variables)
+        hyper = self._hyperparameters()
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
@@ -511,7 +512,20 @@ class Adam(keras.optimizers.Optimizer):
             )
         indices = tuple(self._get_variable_index(v) for _, v in present)
         gradients = [adam_math.densify(g) for g, _ in present]
-        self._run_step(gradients, indices, self._hyperparameters())
+        self._run_step(gradients, indices, hyper)
+
+    @property
+    def learning_rate(self):
+        """The learning rate of the current step (a schedule is evaluated).
+
+        Setting it checks the value as the constructor does.
+        """
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        value = validation.check_learning_rate(value)
+        keras.optimizers.Optimizer.learning_rate.fset(self, value)
 
     def _check_pairs(self, grads, variables):
         """Checks gradients against variables; returns the pairs with a
@@ -555,22 +569,38 @@ class Adam(keras.optimizers.Optimizer):
 
     def _hyperparameters(self, learning_rate=None):
         """Evaluates the hyperparameters in the caller's context, so that a
-        schedule, callable or changed attribute is seen at every step."""
+        schedule, callable or changed attribute is seen at every step. A
+        value computed now (by a schedule or callable) is range-checked."""
         if learning_rate is None:
             learning_rate = self.learning_rate
-
-        def value(x):
-            x = x() if callable(x) and not tf.is_tensor(x) else x
-            return tf.convert_to_tensor(x, dtype_hint=tf.float64)
-
-        hyper = {
-            "learning_rate": value(learning_rate),
-            "beta_1": value(self.beta_1),
-            "beta_2": value(self.beta_2),
-            "epsilon": value(self.epsilon),
+        ranges = {
+            "learning_rate": dict(low=0.0),
+            "beta_1": dict(low=0.0, high=1.0, high_open=True),
+            "beta_2": dict(low=0.0, high=1.0, high_open=True),
+            "epsilon": dict(low=0.0),
+            "weight_decay": dict(low=0.0),
         }
-        if self.weight_decay is not None:
-            hyper["weight_decay"] = value(self.weight_decay)
+        values = {
+            "learning_rate": learning_rate,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "weight_decay": self.weight_decay,
+        }
+        computed = {"learning_rate": not isinstance(
+            self._learning_rate, keras.Variable)}
+        hyper = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            if callable(value) and not tf.is_tensor(value):
+                value = value()
+                computed[name] = True
+            value = tf.convert_to_tensor(value, dtype_hint=tf.float64)
+            if computed.get(name):
+                value = validation.check_tensor_in_range(
+                    name, value, **ranges[name])
+            hyper[name] = value
         return hyper
 
     def _run_step(self, gradients, indices, hyper):

@@ -97,6 +97,41 @@ def check_number(name, value, *, low=None, high=None, high_open=False,
     return number
 
 
+def check_tensor_in_range(name, value, *, low=None, high=None,
+                          high_open=False):
+    """Checks a hyperparameter computed at run time (by a callable or a
+    schedule). A value known now (eager, or constant) raises `ValueError`
+    at once; a symbolic one gets an assertion that fails when it runs,
+    before the update it feeds.
+
+    Returns:
+        `value`, after the assertion when there is one.
+
+    Example:
+
+    >>> float(check_tensor_in_range("beta_1", tf.constant(0.9), low=0.0,
+    ...                             high=1.0, high_open=True))
+    0.9...
+    """
+    static = tf.get_static_value(value)
+    if static is not None:
+        check_number(name, float(static), low=low, high=high,
+                     high_open=high_open)
+        return value
+    message = f"`{name}` computed at run time is out of range"
+    checks = [tf.debugging.assert_all_finite(value, message)]
+    if low is not None:
+        checks.append(tf.debugging.assert_greater_equal(
+            value, tf.cast(low, value.dtype), message=message))
+    if high is not None:
+        compare = (tf.debugging.assert_less if high_open
+                   else tf.debugging.assert_less_equal)
+        checks.append(compare(value, tf.cast(high, value.dtype),
+                              message=message))
+    with tf.control_dependencies(checks):
+        return tf.identity(value)
+
+
 def check_learning_rate(value):
     """Checks a learning rate: a non-negative number, a scalar tensor, a
     `LearningRateSchedule` or a zero-argument callable.
