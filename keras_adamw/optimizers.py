@@ -31,6 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_adamw import adam_math
+from keras_adamw import execution
+from keras_adamw import step
 from keras_adamw import validation
 
 
@@ -50,15 +52,6 @@ def _tf_variable(variable):
     if isinstance(variable, keras.Variable):
         return variable.value
     return variable
-
-
-def _read(variable, dtype):
-    return tf.cast(tf.convert_to_tensor(_tf_variable(variable)), dtype)
-
-
-def _store(variable, value):
-    variable = _tf_variable(variable)
-    variable.assign(tf.cast(value, variable.dtype))
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -204,7 +197,7 @@ class Adam(keras.optimizers.Optimizer):
         self._excluded_variable_keys = set()
         self._excluded_name_pattern = None
         self._xla_program = _Program(
-            tf.function(self._step, jit_compile=True, autograph=False)
+            tf.function(step.apply_step, jit_compile=True, autograph=False)
         )
 
     # ------------------------------------------------------------------
@@ -450,11 +443,11 @@ class Adam(keras.optimizers.Optimizer):
         """
         del name
         grads_and_vars = list(grads_and_vars)
-        if not skip_gradients_aggregation:
-            grads_and_vars = self.aggregate_gradients(grads_and_vars)
-        grads = [g for g, _ in grads_and_vars]
-        variables = [v for _, v in grads_and_vars]
-        self.apply(grads, variables)
+        self._apply(
+            [g for g, _ in grads_and_vars],
+            [v for _, v in grads_and_vars],
+            aggregate=not skip_gradients_aggregation,
+        )
         return self._iterations
 
     def apply(self, grads, trainable_variables=None):
@@ -480,6 +473,14 @@ class Adam(keras.optimizers.Optimizer):
         >>> w.numpy().round(4).tolist()
         [0.9, 2.1]
         """
+        self._apply(grads, trainable_variables, aggregate=True)
+
+    def _apply(self, grads, trainable_variables, aggregate):
+        """`apply`, summing gradients across replicas first if `aggregate`.
+
+        Order matters: every check runs before anything changes; gradients
+        are summed before any clipping (which happens inside the step).
+        """
         grads = list(grads)
         if trainable_variables is None:
             if not self.built:
@@ -498,12 +499,13 @@ class Adam(keras.optimizers.Optimizer):
             )
         if not grads:
             return
-        self._check_distribution()
+        self._check_distribution(trainable_variables)
         present, missing = self._check_pairs(grads, trainable_variables)
+        if aggregate:
+            present = self.aggregate_gradients(present)
         hyper = self._hyperparameters()
         if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
+            self._build_in_cross_replica_context(trainable_variables)
         if missing:
             warnings.warn(
                 f"{self.name}: no gradient for variables {missing}; they are "
@@ -560,12 +562,35 @@ class Adam(keras.optimizers.Optimizer):
             )
         return present, missing
 
-    def _check_distribution(self):
-        if tf.distribute.has_strategy():
-            raise NotImplementedError(
-                "tf.distribute strategies are not supported in this release "
-                f"(got {type(tf.distribute.get_strategy()).__name__})."
-            )
+    def _check_distribution(self, variables):
+        """Under a strategy, the optimizer and the model variables must have
+        been created in its scope, or copies would be updated twice."""
+        if not execution.in_strategy():
+            return
+        extended = tf.distribute.get_strategy().extended
+        for variable in [self._iterations] + list(variables):
+            if not extended.variable_created_in_scope(_tf_variable(variable)):
+                raise ValueError(
+                    f"Variable {validation.variable_name(variable)!r} was not "
+                    "created in the scope of the current "
+                    f"{type(tf.distribute.get_strategy()).__name__}: create "
+                    "the model and the optimizer under `strategy.scope()`."
+                )
+
+    def _build_in_cross_replica_context(self, variables):
+        """Builds on first use, also from a replica context inside a
+        `tf.function` (where Keras 3 fails): slots are made once, eagerly,
+        in the strategy's scope."""
+
+        def build(*_):
+            with tf.init_scope(), keras.name_scope(self.name, caller=self):
+                self.build(variables)
+
+        replica_context = tf.distribute.get_replica_context()
+        if execution.in_strategy() and replica_context is not None:
+            replica_context.merge_call(build)
+        else:
+            build()
 
     def _hyperparameters(self, learning_rate=None):
         """Evaluates the hyperparameters in the caller's context, so that a
@@ -603,130 +628,52 @@ class Adam(keras.optimizers.Optimizer):
             hyper[name] = value
         return hyper
 
+    def _state(self):
+        """The variables a step reads and writes, as a `step.State`."""
+
+        def tf_variables(variables):
+            return None if variables is None else [
+                _tf_variable(v) for v in variables]
+
+        return step.State(
+            iterations=_tf_variable(self._iterations),
+            variables=tf_variables(self._trainable_variables),
+            momentums=tf_variables(self._momentums),
+            velocities=tf_variables(self._velocities),
+            velocity_hats=tf_variables(
+                self._velocity_hats if self.amsgrad else None),
+            averages=tf_variables(
+                self._model_variables_moving_average if self.use_ema
+                else None),
+            accumulators=tf_variables(
+                self._accumulated_gradients
+                if self.gradient_accumulation_steps else None),
+        )
+
+    def _step_config(self):
+        """The Python-level settings of a step, as a `step.StepConfig`."""
+        variables = self._trainable_variables
+        return step.StepConfig(
+            amsgrad=self.amsgrad,
+            clipnorm=self.clipnorm,
+            clipvalue=self.clipvalue,
+            global_clipnorm=self.global_clipnorm,
+            loss_scale_factor=self.loss_scale_factor,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            use_ema=self.use_ema,
+            ema_momentum=self.ema_momentum,
+            ema_overwrite_frequency=self.ema_overwrite_frequency,
+            decays=tuple(self._decays(v) for v in variables),
+            constraints=tuple(
+                getattr(v, "constraint", None) for v in variables),
+        )
+
     def _run_step(self, gradients, indices, hyper):
-        """The one place that picks the execution path of a step."""
-        if self.jit_compile:
-            self._xla_program.function(gradients, indices, hyper)
-        else:
-            self._step(gradients, indices, hyper)
-
-    def _step(self, gradients, indices, hyper):
-        """One call's work: unscale, accumulate or update, count the step."""
-        variables = [self._trainable_variables[i] for i in indices]
-        gradients = [
-            tf.cast(g, adam_math.compute_dtype(v.dtype))
-            for g, v in zip(gradients, variables)
-        ]
-        if self.loss_scale_factor is not None:
-            gradients = [
-                g / adam_math.as_scalar(self.loss_scale_factor, g.dtype)
-                for g in gradients
-            ]
-
-        steps = self.gradient_accumulation_steps
-        if steps:
-            accumulators = [self._accumulated_gradients[i] for i in indices]
-
-            def update():
-                mean = [
-                    (g + _read(a, g.dtype)) / steps
-                    for g, a in zip(gradients, accumulators)
-                ]
-                self._update(mean, indices, hyper)
-                for accumulator in self._accumulated_gradients:
-                    _store(accumulator, tf.zeros_like(accumulator))
-
-            def accumulate():
-                for g, a in zip(gradients, accumulators):
-                    _store(a, _read(a, g.dtype) + g)
-
-            tf.cond(
-                tf.equal((self._iterations + 1) % steps, 0),
-                update,
-                accumulate,
-            )
-        else:
-            self._update(gradients, indices, hyper)
-
-        for variable in variables:
-            constraint = getattr(variable, "constraint", None)
-            if constraint is not None:
-                variable.assign(constraint(variable))
-        self._iterations.assign_add(1)
-
-    def _update(self, gradients, indices, hyper):
-        """A real step: clip, update each variable, then the EMA."""
-        gradients = adam_math.clip_gradients(
-            gradients, self.clipnorm, self.clipvalue, self.global_clipnorm
-        )
-        step = self.iterations + 1
-        for gradient, index in zip(gradients, indices):
-            self._update_variable(gradient, index, step, hyper)
-        if self.use_ema:
-            self._update_moving_average()
-
-    def _update_variable(self, gradient, index, step, hyper):
-        """Applies `adam_math.adam_update` to one variable and its slots."""
-        variable = self._trainable_variables[index]
-        dtype = adam_math.compute_dtype(variable.dtype)
-        velocity_hat = self._velocity_hats[index] if self.amsgrad else None
-        weight_decay = None
-        if self._decays(variable):
-            weight_decay = tf.cast(hyper["weight_decay"], dtype)
-        state = adam_math.adam_update(
-            _read(variable, dtype),
-            tf.cast(gradient, dtype),
-            _read(self._momentums[index], dtype),
-            _read(self._velocities[index], dtype),
-            None if velocity_hat is None else _read(velocity_hat, dtype),
-            learning_rate=tf.cast(hyper["learning_rate"], dtype),
-            beta_1=tf.cast(hyper["beta_1"], dtype),
-            beta_2=tf.cast(hyper["beta_2"], dtype),
-            epsilon=tf.cast(hyper["epsilon"], dtype),
-            step=tf.cast(step, dtype),
-            weight_decay=weight_decay,
-        )
-        _store(variable, state.variable)
-        _store(self._momentums[index], state.momentum)
-        _store(self._velocities[index], state.velocity)
-        if velocity_hat is not None:
-            _store(velocity_hat, state.velocity_hat)
-
-    def _update_moving_average(self):
-        """Moves the EMA once per real step; the first step copies."""
-        real_step = self.iterations
-        for variable, average in zip(
-            self._trainable_variables, self._model_variables_moving_average
-        ):
-            if average is None:
-                continue
-            dtype = adam_math.compute_dtype(variable.dtype)
-            momentum = tf.cast(
-                tf.not_equal(real_step, 0), dtype
-            ) * adam_math.as_scalar(self.ema_momentum, dtype)
-            _store(
-                average,
-                adam_math.ema_update(
-                    _read(average, dtype), _read(variable, dtype), momentum
-                ),
-            )
-        if self.ema_overwrite_frequency:
-
-            def overwrite():
-                self._copy_averages_to(self._trainable_variables)
-
-            tf.cond(
-                tf.equal((real_step + 1) % self.ema_overwrite_frequency, 0),
-                overwrite,
-                lambda: None,
-            )
-
-    def _copy_averages_to(self, var_list):
-        for variable in var_list:
-            index = self._get_variable_index(variable)
-            average = self._model_variables_moving_average[index]
-            if average is not None:
-                _store(variable, tf.convert_to_tensor(_tf_variable(average)))
+        """Runs one step: the XLA program or op by op (see `execution`)."""
+        program = (self._xla_program.function if self.jit_compile
+                   else step.apply_step)
+        execution.run(program, gradients, indices, self._state(), hyper,
+                      self._step_config())
 
     def update_step(self, gradient, variable, learning_rate):
         """Updates one variable: the single-variable path of the formula.
@@ -750,11 +697,15 @@ class Adam(keras.optimizers.Optimizer):
         [0.5]
         """
         index = self._get_variable_index(variable)
-        self._update_variable(
+        state = self._state()
+        config = self._step_config()
+        step.update_variable(
             adam_math.densify(gradient),
             index,
-            self.iterations + 1,
+            step.real_iterations(state.iterations, config) + 1,
+            state,
             self._hyperparameters(learning_rate),
+            config,
         )
 
     # ------------------------------------------------------------------
@@ -774,7 +725,8 @@ class Adam(keras.optimizers.Optimizer):
         >>> opt.finalize_variable_values([w])
         """
         if self.use_ema and self.built:
-            self._copy_averages_to(list(var_list))
+            indices = [self._get_variable_index(v) for v in var_list]
+            step.copy_averages(self._state(), indices)
 
     def set_weights(self, weights):
         """Sets the optimizer's variables from a list of arrays.

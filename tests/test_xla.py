@@ -24,7 +24,8 @@ def test_one_program_for_all_variables_traced_once():
     assert xla_function(optimizer).experimental_get_tracing_count() == 1
 
     hlo = xla_function(optimizer).experimental_get_compiler_ir(
-        grads, tuple(range(5)), optimizer._hyperparameters())(stage="hlo")
+        grads, tuple(range(5)), optimizer._state(),
+        optimizer._hyperparameters(), optimizer._step_config())(stage="hlo")
     assert hlo.count("ENTRY") == 1
     # Every variable, momentum, velocity and velocity_hat, and the step
     # counter, is updated in place by this one program.
