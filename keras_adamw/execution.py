@@ -8,12 +8,27 @@
   variables, from the cross-replica context: one program per device per
   step, rather than Keras' one update per variable.
 
+Strategies that keep variables on other devices than the computation
+(`ParameterServerStrategy`, `CentralStorageStrategy`) cannot run an XLA
+program on them ("Trying to access resource ... located in device
+/job:ps"): there the step runs op by op, with one warning.
+
 Only public `tf.distribute` API is used (`merge_call`,
 `experimental_local_results`, `extended.worker_devices`); TPUStrategy
 implements all of it.
 """
 
+import warnings
+
 import tensorflow as tf
+
+from keras_adamw import step
+
+# Strategies whose variables live away from the devices that compute.
+_REMOTE_VARIABLE_STRATEGIES = (
+    tf.distribute.experimental.ParameterServerStrategy,
+    tf.distribute.experimental.CentralStorageStrategy,
+)
 
 
 def local_copies(strategy, structure, replica):
@@ -34,19 +49,37 @@ def in_strategy():
     return tf.distribute.has_strategy()
 
 
-def run(program, gradients, indices, state, hyper, config):
-    """Runs `program(gradients, indices, state, hyper, config)` where the
-    variables of `state` live: once, or once per local device of the current
-    strategy (entered from the replica context through `merge_call`).
+def choose_program(xla_program, jit_compile):
+    """Returns the XLA program, or `step.apply_step` to run op by op."""
+    if not jit_compile:
+        return step.apply_step
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, _REMOTE_VARIABLE_STRATEGIES):
+        warnings.warn(
+            f"jit_compile=True cannot run under {type(strategy).__name__}, "
+            "whose variables live on other devices than the computation; "
+            "keras_adamw runs the update without XLA.",
+            stacklevel=2,
+        )
+        return step.apply_step
+    return xla_program
+
+
+def run(xla_program, jit_compile, gradients, indices, state, hyper, config):
+    """Runs one step where the variables of `state` live: once, or once per
+    local device of the current strategy (entered from the replica context
+    through `merge_call`).
 
     Args:
-        program: `step.apply_step` or its XLA-compiled `tf.function`.
+        xla_program: `step.apply_step` compiled with XLA.
+        jit_compile: Whether to use it (see `choose_program`).
         gradients: Dense gradients, already summed across replicas.
         indices: Positions of the gradients' variables in `state`.
         state: A `step.State` of (possibly distributed) `tf.Variable`s.
         hyper: Dict of scalar hyperparameter tensors.
         config: A `step.StepConfig`.
     """
+    program = choose_program(xla_program, jit_compile)
     if not in_strategy():
         program(gradients, indices, state, hyper, config)
         return

@@ -670,9 +670,8 @@ class Adam(keras.optimizers.Optimizer):
 
     def _run_step(self, gradients, indices, hyper):
         """Runs one step: the XLA program or op by op (see `execution`)."""
-        program = (self._xla_program.function if self.jit_compile
-                   else step.apply_step)
-        execution.run(program, gradients, indices, self._state(), hyper,
+        execution.run(self._xla_program.function, self.jit_compile,
+                      gradients, indices, self._state(), hyper,
                       self._step_config())
 
     def update_step(self, gradient, variable, learning_rate):

@@ -99,3 +99,29 @@ def test_checkpoint_moves_between_mirrored_and_one_device(two_devices,
     case = two_devices[f"checkpoint/{direction}"]
     assert case["restored_iterations"] == 2
     assert case["max_difference"] < 1e-6
+
+
+@pytest.fixture(scope="module")
+def parameter_server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ps") / "results.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "ps_job.py"),
+         f"--out={out}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_parameter_server_trains_without_xla_after_one_warning(
+        parameter_server):
+    assert parameter_server["variables_on_ps"]
+    assert parameter_server["fallback_warnings"] == 1
+    # No update lost: every scheduled step counted once.
+    assert parameter_server["iterations"] == parameter_server["steps"]
+    assert parameter_server["last_loss"] < 0.3 * parameter_server["first_loss"]
+
+
+def test_keras_fit_cannot_train_under_parameter_server(parameter_server):
+    # Keras 3's fit does not wrap datasets for a ClusterCoordinator.
+    assert "create_per_worker_dataset" in parameter_server["keras_fit_error"]
