@@ -92,7 +92,9 @@ class Adam(keras.optimizers.Optimizer):
             this many calls once, every this many calls.
         jit_compile: Run the update of all variables of a step as one XLA
             program. Defaults to `True`.
-        mesh: Reserved for the DTensor mode (`keras_adamw.dtensor`).
+        mesh: A `tf.experimental.dtensor.Mesh` to run in DTensor mode (see
+            `keras_adamw.dtensor`): slots are `DVariable`s laid out like their
+            model variables, which must be `DVariable`s on this mesh.
         name: Name of the optimizer; defaults to `"adam"` (made unique as in
             Keras).
 
@@ -169,11 +171,11 @@ class Adam(keras.optimizers.Optimizer):
             "gradient_accumulation_steps", gradient_accumulation_steps, 2
         )
         jit_compile = validation.check_bool("jit_compile", jit_compile)
+        placement = None
         if mesh is not None:
-            raise NotImplementedError(
-                "The DTensor mode (mesh=...) is not available in this "
-                f"release. Received: mesh={mesh}"
-            )
+            from keras_adamw.dtensor.placement import MeshPlacement
+
+            placement = MeshPlacement(mesh)
 
         super().__init__(
             learning_rate=learning_rate,
@@ -193,12 +195,39 @@ class Adam(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.amsgrad = amsgrad
         self.jit_compile = jit_compile
-        self.mesh = mesh
+        self.mesh = None
+        self._placement = None
         self._excluded_variable_keys = set()
         self._excluded_name_pattern = None
         self._xla_program = _Program(
             tf.function(step.apply_step, jit_compile=True, autograph=False)
         )
+        if placement is not None:
+            self._use_mesh(placement)
+
+    def _use_mesh(self, placement):
+        """Switches to DTensor mode: the one place it is entered. The step
+        counter and a float learning rate become replicated scalar
+        `DVariable`s on the mesh; `add_variable*` will make `DVariable`s."""
+        if self.built:
+            raise ValueError("The DTensor mode must be chosen before build.")
+        self._placement = placement
+        self.mesh = placement.mesh
+        scalar = placement.replicated(0)
+        old = self._iterations
+        self._untrack_variable(old)
+        with keras.name_scope(self.name, caller=self):
+            self._iterations = placement.make_variable(
+                tf.constant(0, old.dtype), scalar, name="iteration")
+        self._track_variable(self._iterations)
+        if isinstance(self._learning_rate, keras.Variable):
+            old = self._learning_rate
+            self._untrack_variable(old)
+            with keras.name_scope(self.name, caller=self):
+                self._learning_rate = placement.make_variable(
+                    tf.constant(old.numpy(), old.dtype), scalar,
+                    name="learning_rate")
+            self._track_variable(self._learning_rate)
 
     # ------------------------------------------------------------------
     # Variables.
@@ -258,6 +287,9 @@ class Adam(keras.optimizers.Optimizer):
         >>> opt.add_variable_from_reference(w, "norm", shape=()).shape
         ()
         """
+        if self._placement is not None:
+            return self._add_mesh_slot(
+                reference_variable, name, initializer, shape)
         if shape is None:
             return super().add_variable_from_reference(
                 reference_variable, name=name, initializer=initializer
@@ -270,6 +302,62 @@ class Adam(keras.optimizers.Optimizer):
             dtype=reference_variable.dtype,
             name=f"{prefix}_{name or 'var'}",
         )
+
+    def add_variable(self, shape, initializer="zeros", dtype=None,
+                     aggregation="none", layout=None, name=None):
+        """Adds an optimizer variable (a `DVariable` in DTensor mode,
+        replicated unless `layout` says otherwise).
+
+        Args:
+            shape: Its shape.
+            initializer: Keras initializer or its name. Defaults to zeros.
+            dtype: Its dtype; defaults to `keras.backend.floatx()`.
+            aggregation: How `tf.distribute` aggregates it.
+            layout: Optional layout (a `dtensor.Layout` in DTensor mode).
+            name: Its name.
+
+        Returns:
+            The new variable.
+
+        Example:
+
+        >>> keras_adamw.Adam().add_variable((2,), name="scratch").shape
+        (2,)
+        """
+        if self._placement is None:
+            return super().add_variable(
+                shape, initializer=initializer, dtype=dtype,
+                aggregation=aggregation, layout=layout, name=name)
+        shape = tuple(shape)
+        layout = layout or self._placement.replicated(len(shape))
+        return self._add_mesh_variable(
+            shape, initializer, dtype, layout, name)
+
+    def _add_mesh_variable(self, shape, initializer, dtype, layout, name):
+        dtype = dtype or keras.backend.floatx()
+        value = keras.initializers.get(initializer)(shape, dtype=dtype)
+        with keras.name_scope(self.name, caller=self):
+            variable = self._placement.make_variable(value, layout, name=name)
+        self._track_variable(variable)
+        return variable
+
+    def _add_mesh_slot(self, reference_variable, name, initializer, shape):
+        """A slot `DVariable` laid out like its model variable (see
+        `MeshPlacement.slot_layout`)."""
+        self._placement.check_variable(
+            reference_variable, validation.variable_name)
+        prefix = validation.variable_name(reference_variable)
+        prefix = prefix.replace("/", "_").replace(":", "_")
+        if shape is None:
+            shape = tuple(reference_variable.shape)
+            layout = self._placement.slot_layout(
+                reference_variable.layout, shape)
+        else:
+            shape = tuple(shape)
+            layout = self._placement.replicated(len(shape))
+        return self._add_mesh_variable(
+            shape, initializer, reference_variable.dtype, layout,
+            f"{prefix}_{name or 'var'}")
 
     # ------------------------------------------------------------------
     # Weight decay.
@@ -513,7 +601,12 @@ class Adam(keras.optimizers.Optimizer):
                 stacklevel=2,
             )
         indices = tuple(self._get_variable_index(v) for _, v in present)
-        gradients = [adam_math.densify(g) for g, _ in present]
+        if self._placement is not None:
+            gradients = [self._placement.place_gradient(g, v)
+                         for g, v in present]
+            hyper = self._placement.place_scalars(hyper)
+        else:
+            gradients = [adam_math.densify(g) for g, _ in present]
         self._run_step(gradients, indices, hyper)
 
     @property
@@ -538,6 +631,9 @@ class Adam(keras.optimizers.Optimizer):
         present, missing = [], []
         for gradient, variable in zip(grads, variables):
             validation.check_variable(variable)
+            if self._placement is not None:
+                self._placement.check_variable(
+                    variable, validation.variable_name)
             if known is not None and self._var_key(variable) not in known:
                 raise ValueError(
                     f"Unknown variable {validation.variable_name(variable)!r}:"
@@ -613,7 +709,7 @@ class Adam(keras.optimizers.Optimizer):
             "weight_decay": self.weight_decay,
         }
         computed = {"learning_rate": not isinstance(
-            self._learning_rate, keras.Variable)}
+            self._learning_rate, (keras.Variable, tf.Variable))}
         hyper = {}
         for name, value in values.items():
             if value is None:
@@ -698,12 +794,16 @@ class Adam(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         state = self._state()
         config = self._step_config()
+        hyper = self._hyperparameters(learning_rate)
+        if self._placement is not None:
+            gradient = self._placement.place_gradient(gradient, variable)
+            hyper = self._placement.place_scalars(hyper)
         step.update_variable(
             adam_math.densify(gradient),
             index,
             step.real_iterations(state.iterations, config) + 1,
             state,
-            self._hyperparameters(learning_rate),
+            hyper,
             config,
         )
 
@@ -757,12 +857,60 @@ class Adam(keras.optimizers.Optimizer):
         for variable, weight in zip(self.variables, weights):
             if tuple(variable.shape) != tuple(np.shape(weight)):
                 raise ValueError(
-                    f"Optimizer variable {variable.path!r} has shape "
+                    "Optimizer variable "
+                    f"{validation.variable_name(variable)!r} has shape "
                     f"{tuple(variable.shape)} but the array for it has shape "
                     f"{tuple(np.shape(weight))}."
                 )
         for variable, weight in zip(self.variables, weights):
-            variable.assign(weight)
+            self._assign_array(variable, weight)
+
+    def _assign_array(self, variable, value):
+        if self._placement is not None:
+            self._placement.assign(variable, value)
+        else:
+            variable.assign(value)
+
+    def save_own_variables(self, store):
+        """Writes the optimizer's variables to `store` (a dict-like) as
+        arrays, keyed `"0"`, `"1"`, ... in the order of `variables`. Sharded
+        `DVariable`s are gathered first.
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> store = {}
+        >>> opt.save_own_variables(store)
+        >>> sorted(store)
+        ['0', '1']
+        """
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = (self._placement.numpy(variable)
+                             if self._placement is not None
+                             else np.asarray(variable.numpy()))
+
+    def load_own_variables(self, store):
+        """Loads what `save_own_variables` wrote, keeping each variable's
+        layout in DTensor mode. A count mismatch warns and loads nothing,
+        as in Keras (an unbuilt optimizer has only two variables).
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> opt.load_own_variables({"0": 0, "1": 0.5})
+        >>> float(opt.learning_rate)
+        0.5
+        """
+        if len(store.keys()) != len(self.variables):
+            warnings.warn(
+                f"Skipping variable loading for optimizer {self.name!r}: it "
+                f"has {len(self.variables)} variables but the store has "
+                f"{len(store.keys())}.",
+                stacklevel=2,
+            )
+            return
+        for i, variable in enumerate(self.variables):
+            self._assign_array(variable, store[str(i)])
 
     def get_config(self):
         """Returns the constructor arguments as a serializable dict.

@@ -1,0 +1,49 @@
+"""`keras_adamw.dtensor.Adam` and `AdamW`: the core optimizers on a mesh."""
+
+from keras_adamw import optimizers
+from keras_adamw.dtensor.placement import MeshPlacement
+
+
+class _OnMesh:
+    """Puts a core optimizer on a mesh right after it is constructed."""
+
+    def __init__(self, mesh, state_sharding_axis=None, **kwargs):
+        super().__init__(**kwargs)
+        self._use_mesh(MeshPlacement(mesh, state_sharding_axis))
+
+
+class Adam(_OnMesh, optimizers.Adam):
+    """`keras_adamw.Adam` on a DTensor mesh.
+
+    Every slot (momentum, velocity, velocity_hat, EMA average, gradient
+    accumulator) is a `DVariable` with its model variable's layout; the step
+    counter and learning rate are replicated scalar `DVariable`s. The model
+    variables must be `DVariable`s on `mesh`.
+
+    Args:
+        mesh: A `tf.experimental.dtensor.Mesh`.
+        state_sharding_axis: Optional mesh dimension along which to shard
+            the slots of variables that are replicated along it (ZeRO stage
+            1). Per-device optimizer state shrinks by that dimension's size;
+            the numbers do not change.
+        **kwargs: The arguments of `keras_adamw.Adam`.
+
+    Example:
+
+    >>> optimizer = keras_adamw.dtensor.Adam(mesh, learning_rate=1e-3,
+    ...                                      state_sharding_axis="batch")
+    """
+
+
+class AdamW(_OnMesh, optimizers.AdamW):
+    """`keras_adamw.AdamW` on a DTensor mesh; see `keras_adamw.dtensor.Adam`.
+
+    Args:
+        mesh: A `tf.experimental.dtensor.Mesh`.
+        state_sharding_axis: See `keras_adamw.dtensor.Adam`.
+        **kwargs: The arguments of `keras_adamw.AdamW`.
+
+    Example:
+
+    >>> optimizer = keras_adamw.dtensor.AdamW(mesh, weight_decay=0.01)
+    """

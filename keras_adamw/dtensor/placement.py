@@ -1,0 +1,155 @@
+"""How the DTensor mode makes and places variables and tensors.
+
+This is all the DTensor mode changes: slots become `DVariable`s laid out
+like their model variable (or sharded further, see `slot_layout`), the step
+counter and learning rate become replicated scalars on the mesh, and
+gradients and hyperparameters are brought onto the mesh in the variable's
+layout before the step. The update itself is `keras_adamw.step.apply_step`,
+as everywhere.
+"""
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+
+class MeshPlacement:
+    """Places an optimizer's state on a DTensor mesh.
+
+    Args:
+        mesh: A `tf.experimental.dtensor.Mesh`.
+        state_sharding_axis: Optional mesh dimension name. Slots of variables
+            that are replicated along it are sharded along it instead (ZeRO
+            stage 1): per-device optimizer state shrinks by that dimension's
+            size; the numbers are unchanged.
+
+    Example:
+
+    >>> mesh = dtensor.create_mesh([("batch", 2), ("model", 2)],
+    ...                            device_type="CPU")
+    >>> placement = MeshPlacement(mesh, state_sharding_axis="batch")
+    """
+
+    def __init__(self, mesh, state_sharding_axis=None):
+        if not isinstance(mesh, dtensor.Mesh):
+            raise TypeError(
+                "Argument `mesh` must be a tf.experimental.dtensor.Mesh. "
+                f"Received: mesh={mesh!r}")
+        if (state_sharding_axis is not None
+                and state_sharding_axis not in mesh.dim_names):
+            raise ValueError(
+                "Argument `state_sharding_axis` must name a dimension of the "
+                f"mesh {list(mesh.dim_names)}. Received: "
+                f"state_sharding_axis={state_sharding_axis!r}")
+        self.mesh = mesh
+        self.state_sharding_axis = state_sharding_axis
+
+    def replicated(self, rank):
+        return dtensor.Layout.replicated(self.mesh, rank)
+
+    def to_mesh(self, value, layout, dtype=None):
+        """`value` (array, tensor or DTensor) as a DTensor with `layout`.
+
+        Eagerly, a regular tensor is first copied to the mesh; inside a
+        `tf.function` running on the mesh every tensor is already a DTensor
+        and only its layout is set.
+        """
+        if tf.executing_eagerly() and not (
+                tf.is_tensor(value) and dtensor.is_dtensor(value)):
+            value = tf.convert_to_tensor(value, dtype=dtype)
+            value = dtensor.copy_to_mesh(
+                value, self.replicated(value.shape.rank))
+        value = tf.convert_to_tensor(value)
+        if dtype is not None:
+            value = tf.cast(value, dtype)
+        if tf.executing_eagerly() and dtensor.fetch_layout(value) == layout:
+            return value
+        return dtensor.relayout(value, layout)
+
+    def make_variable(self, value, layout, name, trainable=False):
+        """A `DVariable` holding `value` with `layout`, made eagerly."""
+        with tf.init_scope():
+            return dtensor.DVariable(self.to_mesh(value, layout),
+                                     trainable=trainable, name=name)
+
+    def slot_layout(self, reference_layout, shape):
+        """The layout of a slot of a variable with `reference_layout` and
+        `shape`: the same, or (with `state_sharding_axis`) with the first
+        unsharded dimension that the axis size divides sharded along that
+        axis, when the variable is replicated along it."""
+        axis = self.state_sharding_axis
+        specs = list(reference_layout.sharding_specs)
+        if axis is None or axis in specs:
+            return reference_layout
+        size = self.mesh.dim_size(axis)
+        for dim, spec in enumerate(specs):
+            if spec == dtensor.UNSHARDED and shape[dim] % size == 0:
+                specs[dim] = axis
+                return dtensor.Layout(specs, self.mesh)
+        return reference_layout
+
+    def check_variable(self, variable, describe):
+        """Raises unless `variable` is a `DVariable` on this mesh."""
+        if not isinstance(variable, dtensor.DVariable):
+            raise ValueError(
+                f"Variable {describe(variable)!r} is a "
+                f"{type(variable).__name__}, not a DVariable: an optimizer on "
+                "a DTensor mesh updates only DVariables on that mesh "
+                "(DTensor and regular variables never meet in one update).")
+        mesh = variable.layout.mesh
+        if mesh != self.mesh:
+            raise ValueError(
+                f"Variable {describe(variable)!r} lives on mesh {mesh}, not "
+                f"on the optimizer's mesh {self.mesh}.")
+
+    def place_gradient(self, gradient, variable):
+        """The dense gradient, on the mesh with `variable`'s layout.
+
+        `tf.IndexedSlices` are summed into a dense gradient first: DTensor's
+        sparse scatter ops do not propagate layouts of sharded variables.
+        """
+        layout = variable.layout
+        if isinstance(gradient, tf.IndexedSlices):
+            values = self.to_mesh(gradient.values,
+                                  self.replicated(gradient.values.shape.rank))
+            indices = self.to_mesh(gradient.indices, self.replicated(1))
+            gradient = tf.math.unsorted_segment_sum(
+                values, indices, variable.shape[0])
+        return self.to_mesh(gradient, layout)
+
+    def place_scalars(self, scalars):
+        """Hyperparameter tensors as replicated scalars on the mesh."""
+        return {name: self.to_mesh(value, self.replicated(0))
+                for name, value in scalars.items()}
+
+    def numpy(self, variable):
+        """The global value of a (possibly sharded) variable as an array."""
+        value = tf.convert_to_tensor(variable)
+        replicated = dtensor.relayout(value, self.replicated(value.shape.rank))
+        return dtensor.unpack(replicated)[0].numpy()
+
+    def assign(self, variable, value):
+        """Assigns an array (or tensor) to a variable, keeping its layout."""
+        variable.assign(self.to_mesh(value, variable.layout,
+                                     dtype=variable.dtype))
+
+
+def state_bytes_per_device(optimizer):
+    """Bytes of optimizer state held by each device, from the shapes of the
+    per-device pieces (`dtensor.unpack`) of every optimizer variable.
+
+    Returns:
+        A list with one byte count per device of the mesh.
+
+    Example:
+
+    >>> state_bytes_per_device(optimizer)  # doctest: +SKIP
+    [4104, 4104, 4104, 4104]
+    """
+    per_device = None
+    for variable in optimizer.variables:
+        pieces = dtensor.unpack(tf.convert_to_tensor(variable))
+        sizes = [int(np.prod(p.shape)) * p.dtype.size for p in pieces]
+        per_device = sizes if per_device is None else [
+            a + b for a, b in zip(per_device, sizes)]
+    return per_device or []
