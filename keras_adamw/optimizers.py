@@ -175,7 +175,8 @@ class Adam(keras.optimizers.Optimizer):
         if mesh is not None:
             from keras_adamw.dtensor.placement import MeshPlacement
 
-            placement = MeshPlacement(mesh)
+            placement = (mesh if isinstance(mesh, MeshPlacement)
+                         else MeshPlacement(mesh))
 
         super().__init__(
             learning_rate=learning_rate,
@@ -206,28 +207,24 @@ class Adam(keras.optimizers.Optimizer):
             self._use_mesh(placement)
 
     def _use_mesh(self, placement):
-        """Switches to DTensor mode: the one place it is entered. The step
-        counter and a float learning rate become replicated scalar
-        `DVariable`s on the mesh; `add_variable*` will make `DVariable`s."""
-        if self.built:
-            raise ValueError("The DTensor mode must be chosen before build.")
+        """Switches to DTensor mode: the one place it is entered.
+
+        Optimizer variables stay `keras.Variable`s, each holding a
+        `DVariable` (`keras.Variable(dvariable)` wraps it as it is). The base
+        class has already made the step counter and a float learning rate;
+        they are moved onto the mesh as replicated scalars by re-initializing
+        them with a `DVariable`: Keras' private `Variable._initialize` (checked
+        with Keras 3.15.1) keeps a `tf.Variable` it is given.
+        """
         self._placement = placement
         self.mesh = placement.mesh
-        scalar = placement.replicated(0)
-        old = self._iterations
-        self._untrack_variable(old)
-        with keras.name_scope(self.name, caller=self):
-            self._iterations = placement.make_variable(
-                tf.constant(0, old.dtype), scalar, name="iteration")
-        self._track_variable(self._iterations)
+        scalars = [self._iterations]
         if isinstance(self._learning_rate, keras.Variable):
-            old = self._learning_rate
-            self._untrack_variable(old)
-            with keras.name_scope(self.name, caller=self):
-                self._learning_rate = placement.make_variable(
-                    tf.constant(old.numpy(), old.dtype), scalar,
-                    name="learning_rate")
-            self._track_variable(self._learning_rate)
+            scalars.append(self._learning_rate)
+        for variable in scalars:
+            variable._initialize(placement.make_variable(
+                tf.convert_to_tensor(variable.value), placement.replicated(0),
+                name=variable.path))
 
     # ------------------------------------------------------------------
     # Variables.
@@ -337,21 +334,22 @@ class Adam(keras.optimizers.Optimizer):
         dtype = dtype or keras.backend.floatx()
         value = keras.initializers.get(initializer)(shape, dtype=dtype)
         with keras.name_scope(self.name, caller=self):
-            variable = self._placement.make_variable(value, layout, name=name)
+            variable = keras.Variable(
+                self._placement.make_variable(value, layout, name=name),
+                dtype=dtype, trainable=False, name=name)
         self._track_variable(variable)
         return variable
 
     def _add_mesh_slot(self, reference_variable, name, initializer, shape):
         """A slot `DVariable` laid out like its model variable (see
         `MeshPlacement.slot_layout`)."""
-        self._placement.check_variable(
-            reference_variable, validation.variable_name)
+        reference = _tf_variable(reference_variable)
+        self._placement.check_variable(reference, validation.variable_name)
         prefix = validation.variable_name(reference_variable)
         prefix = prefix.replace("/", "_").replace(":", "_")
         if shape is None:
             shape = tuple(reference_variable.shape)
-            layout = self._placement.slot_layout(
-                reference_variable.layout, shape)
+            layout = self._placement.slot_layout(reference.layout, shape)
         else:
             shape = tuple(shape)
             layout = self._placement.replicated(len(shape))
@@ -602,7 +600,7 @@ class Adam(keras.optimizers.Optimizer):
             )
         indices = tuple(self._get_variable_index(v) for _, v in present)
         if self._placement is not None:
-            gradients = [self._placement.place_gradient(g, v)
+            gradients = [self._placement.place_gradient(g, _tf_variable(v))
                          for g, v in present]
             hyper = self._placement.place_scalars(hyper)
         else:
@@ -633,7 +631,8 @@ class Adam(keras.optimizers.Optimizer):
             validation.check_variable(variable)
             if self._placement is not None:
                 self._placement.check_variable(
-                    variable, validation.variable_name)
+                    _tf_variable(variable),
+                    lambda _: validation.variable_name(variable))
             if known is not None and self._var_key(variable) not in known:
                 raise ValueError(
                     f"Unknown variable {validation.variable_name(variable)!r}:"
@@ -796,7 +795,8 @@ class Adam(keras.optimizers.Optimizer):
         config = self._step_config()
         hyper = self._hyperparameters(learning_rate)
         if self._placement is not None:
-            gradient = self._placement.place_gradient(gradient, variable)
+            gradient = self._placement.place_gradient(
+                gradient, _tf_variable(variable))
             hyper = self._placement.place_scalars(hyper)
         step.update_variable(
             adam_math.densify(gradient),
@@ -867,7 +867,7 @@ class Adam(keras.optimizers.Optimizer):
 
     def _assign_array(self, variable, value):
         if self._placement is not None:
-            self._placement.assign(variable, value)
+            self._placement.assign(_tf_variable(variable), value)
         else:
             variable.assign(value)
 
@@ -885,7 +885,7 @@ class Adam(keras.optimizers.Optimizer):
         ['0', '1']
         """
         for i, variable in enumerate(self.variables):
-            store[str(i)] = (self._placement.numpy(variable)
+            store[str(i)] = (self._placement.numpy(_tf_variable(variable))
                              if self._placement is not None
                              else np.asarray(variable.numpy()))
 

@@ -2,3 +2,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+# Four logical CPU devices, set before TensorFlow starts, for the DTensor
+# tests' 2x2 mesh. Tests that use tf.distribute run in subprocesses.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 4)

@@ -8,8 +8,8 @@ class _OnMesh:
     """Puts a core optimizer on a mesh right after it is constructed."""
 
     def __init__(self, mesh, state_sharding_axis=None, **kwargs):
-        super().__init__(**kwargs)
-        self._use_mesh(MeshPlacement(mesh, state_sharding_axis))
+        super().__init__(mesh=MeshPlacement(mesh, state_sharding_axis),
+                         **kwargs)
 
 
 class Adam(_OnMesh, optimizers.Adam):
