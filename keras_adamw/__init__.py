@@ -8,8 +8,9 @@ Example:
 
 from keras_adamw import adam_math
 from keras_adamw import dtensor
+from keras_adamw.callbacks import OptimizerLogger
 from keras_adamw.optimizers import Adam
 from keras_adamw.optimizers import AdamW
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "adam_math", "dtensor"]
+__all__ = ["Adam", "AdamW", "OptimizerLogger", "adam_math", "dtensor"]

@@ -97,7 +97,10 @@ def main(argv):
 
 
 def _parse_flags(argv):
-    """Parses flags; a bad flag is a usage error: message and exit code 2."""
+    """Parses flags; a bad flag is a usage error: message and exit code 2.
+    `--help` prints every flag and exits 0."""
+    if any(arg in ("-h", "-?", "--help", "--helpshort") for arg in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:
         return FLAGS(argv)
     except flags.Error as error:

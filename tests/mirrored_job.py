@@ -96,11 +96,6 @@ EVERYTHING = {"amsgrad": True, "use_ema": True, "ema_momentum": 0.9,
 FIT_CONFIGS = {
     "amsgrad_ema": {"amsgrad": True, "use_ema": True, "ema_momentum": 0.9,
                     "ema_overwrite_frequency": 3},
-    "schedule_accumulation": {
-        "learning_rate":
-        keras.optimizers.schedules.ExponentialDecay(0.02, 2, 0.5),
-        "gradient_accumulation_steps": 2},
-    "global_clipnorm": {"global_clipnorm": 0.05},
     "everything": EVERYTHING,
     "everything_no_xla": dict(EVERYTHING, jit_compile=False),
 }

@@ -26,3 +26,12 @@ def test_demo_bad_flag_exits_2_with_a_message():
     result = run_demo("--epochs=0")
     assert result.returncode == 2
     assert "--epochs=0" in result.stderr
+
+
+def test_demo_help_documents_every_flag():
+    result = run_demo("--help")
+    assert result.returncode == 0
+    for flag in ["epochs", "batch_size", "examples", "learning_rate",
+                 "weight_decay", "jit_compile", "seed", "verbose"]:
+        line = re.search(rf"--(\[no\])?{flag}: (.+)", result.stdout)
+        assert line and len(line.group(2)) > 10, flag

@@ -1,0 +1,52 @@
+"""Callbacks that show what the optimizer is doing during `fit`."""
+
+import keras
+import numpy as np
+
+
+class OptimizerLogger(keras.callbacks.Callback):
+    """Adds the current learning rate and effective weight decay to `fit`'s
+    logs, so they appear in the progress bar, in `History` and in
+    `keras.callbacks.TensorBoard` (put this callback before it).
+
+    - `learning_rate`: the rate of the next step (a schedule evaluated at
+      the optimizer's step counter).
+    - `effective_weight_decay`: the fraction each decayed variable shrinks
+      by per step, `learning_rate * weight_decay` (0 without weight decay).
+
+    Args:
+        every_batch: Also log per batch (for `TensorBoard(update_freq=...)`
+            and the progress bar), not only per epoch.
+
+    Example:
+
+    >>> history = model.fit(x, y, epochs=3,
+    ...                     callbacks=[keras_adamw.OptimizerLogger(),
+    ...                                keras.callbacks.TensorBoard("logs")])
+    >>> history.history["learning_rate"]  # doctest: +SKIP
+    [0.001, 0.001, 0.001]
+    """
+
+    def __init__(self, every_batch=False):
+        super().__init__()
+        self.every_batch = every_batch
+
+    def _values(self):
+        optimizer = self.model.optimizer
+        # LossScaleOptimizer (mixed precision) wraps the real optimizer.
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        learning_rate = float(np.asarray(
+            keras.ops.convert_to_numpy(optimizer.learning_rate)))
+        weight_decay = getattr(optimizer, "weight_decay", None) or 0.0
+        return {
+            "learning_rate": learning_rate,
+            "effective_weight_decay": learning_rate * float(weight_decay),
+        }
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_batch and logs is not None:
+            logs.update(self._values())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._values())
