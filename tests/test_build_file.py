@@ -20,3 +20,12 @@ def test_build_lists_every_module():
 def test_build_lists_every_test_file():
     tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("*.py")}
     assert tests - listed_files() == set()
+
+
+def test_readme_bazel_command_names_existing_targets():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^bazel test (.+)$", readme, re.M).group(1)
+    targets = [t[len("//:"):] for t in command.split()]
+    assert targets
+    for target in targets:
+        assert f"tests/{target}.py" in listed_files(), target
