@@ -354,3 +354,11 @@ def test_zero_sharding_shrinks_per_device_state_and_keeps_numbers():
     assert [dtensor.fetch_layout(m.value).sharding_specs
             for m in sharded._momentums] == [
         ["batch", "model"], ["model"], ["model", "batch"], ["batch"]]
+
+
+def test_all_reduce_combining_must_be_off(monkeypatch):
+    # keras_adamw.dtensor sets the flag to "0" on import; with the pass on,
+    # DTensor may move a variable's read before an earlier write.
+    monkeypatch.setenv("DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION", "1")
+    with pytest.raises(ValueError, match="COMBINE_ALL_REDUCES.*'1'"):
+        MeshPlacement(MESH)

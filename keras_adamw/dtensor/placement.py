@@ -8,6 +8,8 @@ layout before the step. The update itself is `keras_adamw.step.apply_step`,
 as everywhere.
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -41,6 +43,14 @@ class MeshPlacement:
                 "Argument `state_sharding_axis` must name a dimension of the "
                 f"mesh {list(mesh.dim_names)}. Received: "
                 f"state_sharding_axis={state_sharding_axis!r}")
+        flag = os.environ.get(
+            "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION")
+        if flag != "0":
+            raise ValueError(
+                "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION must be '0' "
+                "for keras_adamw's DTensor mode (that pass can reorder a "
+                f"variable's read before its write). Received: {flag!r}. "
+                "Unset it and import keras_adamw before creating a mesh.")
         self.mesh = mesh
         self.state_sharding_axis = state_sharding_axis
 
