@@ -4,7 +4,8 @@
         [--backup_dir=DIR] [--crash_at_step=N --marker=FILE]
 
 Trains a tiny Keras model with
-`keras_adamw.AdamW(learning_rate=0.01, amsgrad=True, use_ema=True)` through
+`keras_adamw.AdamW(learning_rate=0.01, amsgrad=True, use_ema=True,
+gradient_accumulation_steps=2)` through
 `model.fit` on fixed synthetic data (EXAMPLES examples, global batches of
 GLOBAL_BATCH, EPOCHS epochs, no shuffling) and writes to `--out`:
 
@@ -206,7 +207,10 @@ class Record(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if ARGS.crash_at_step is None or os.path.exists(ARGS.marker):
             return
-        if int(self.model.optimizer.iterations.numpy()) >= ARGS.crash_at_step:
+        # Count calls, not optimizer.iterations (real steps under
+        # gradient accumulation): a global step of this process's run.
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls >= ARGS.crash_at_step:
             with open(ARGS.marker, "w") as marker:
                 marker.write(json.dumps(self.events))
             os._exit(1)  # A lost process: no cleanup, no exception.
@@ -222,7 +226,8 @@ def main():
             keras.layers.Dense(1),
         ])
         optimizer = keras_adamw.AdamW(learning_rate=0.01, amsgrad=True,
-                                      use_ema=True)
+                                      use_ema=True,
+                                      gradient_accumulation_steps=2)
         model.compile(optimizer=optimizer, loss="mse")
     if ARGS.multi_worker:
         work_around_keras_multi_worker_fit(model)

@@ -8,7 +8,8 @@ localhost, each running tests/multi_worker_job.py.
   survivor's collectives fail, the test kills what is left and restarts both
   workers; `keras.callbacks.BackupAndRestore` resumes from the last epoch and
   the end state (weights and every optimizer variable: iterations, momentums,
-  velocities, velocity_hats, EMA averages) equals the uninterrupted run.
+  velocities, velocity_hats, EMA averages, gradient accumulators) equals the
+  uninterrupted run.
 
 Every process writes its output to a log file (no pipes to fill up), runs
 under a deadline and is killed and reaped when its test ends, whatever
@@ -50,6 +51,7 @@ JOB = "tests/multi_worker_job.py"
 DEADLINE = 240  # Seconds for one group of processes to finish.
 SURVIVOR_GRACE = 60  # Seconds the survivor gets to fail on its own.
 STEPS_PER_EPOCH = 4  # multi_worker_job.EXAMPLES // GLOBAL_BATCH
+ACCUMULATION = 2  # multi_worker_job's gradient_accumulation_steps
 EPOCHS = 3  # multi_worker_job.EPOCHS
 # Epoch 1 (0-based), second batch: the last backup is from the end of epoch
 # 0, and the survivor cannot reach the end of epoch 1 (it needs worker 0 for
@@ -207,9 +209,15 @@ def test_two_workers_equal_one_process_on_the_same_global_batches(
     assert [worker0[1]["task"], worker1[1]["task"]] == [0, 1]
     paths = worker0[1]["optimizer_paths"]
     assert sum(p.endswith("_velocity_hat") for p in paths) == 4
+    assert sum(p.endswith("_gradient_accumulator") for p in paths) == 4
     assert sum(p.endswith("_average") for p in paths) == 4
-    # No array is all zeros (which would compare equal however wrong).
+    # No array is all zeros (which would compare equal however wrong),
+    # except the gradient accumulators: zero after every real step, and
+    # each epoch (4 calls) ends with one.
     for key, value in single[0].items():
+        if key.startswith("optimizer_") and paths[int(key.split("_")[1])] \
+                .endswith("_gradient_accumulator"):
+            continue
         assert np.max(np.abs(value)) > 1e-5, key
     assert_same_state(worker1, worker0, 1e-6, "worker 1 vs worker 0")
     assert_same_state(worker0, single, 1e-5, "two workers vs one process")
@@ -272,7 +280,9 @@ def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
         # optimizer's state after STEPS_PER_EPOCH steps.
         assert events["first_epoch"] == 1, events
         assert events["epochs_run"] == list(range(1, EPOCHS)), events
-        assert events["iterations_at_start"] == STEPS_PER_EPOCH, events
+        # optimizer.iterations counts real steps: one per ACCUMULATION calls.
+        assert events["iterations_at_start"] == (
+            STEPS_PER_EPOCH // ACCUMULATION), events
         assert iterations(run) == EPOCHS * STEPS_PER_EPOCH
     assert_same_state(resumed[1], resumed[0], 1e-6,
                       "resumed worker 1 vs resumed worker 0")
