@@ -12,7 +12,6 @@ cannot train under this strategy at all.
 import argparse
 import json
 import os
-import socket
 import sys
 import warnings
 
@@ -21,20 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
+from tests.processes import free_ports  # noqa: E402
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+ports = free_ports(3)
 cluster = tf.train.ClusterSpec({
-    "worker": [f"127.0.0.1:{free_port()}" for _ in range(2)],
-    "ps": [f"127.0.0.1:{free_port()}"],
+    "worker": [f"127.0.0.1:{port}" for port in ports[:2]],
+    "ps": [f"127.0.0.1:{ports[2]}"],
 })
 # With 2 cores, a server's default inter-op pool can block on remote reads.
 config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=8)

@@ -28,14 +28,16 @@ fresh free ports on 127.0.0.1.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
 from tensorflow.experimental import dtensor
+
+from tests.processes import free_ports
 
 from tests import dtensor_client_job as job
 
@@ -50,20 +52,6 @@ STEPS = 4
 NUM_WEIGHTS = 4
 CLUSTER_VARIABLES = ("DTENSOR_JOBS", "DTENSOR_CLIENT_ID",
                      "DTENSOR_NUM_CLIENTS", "DTENSOR_JOB_NAME", "TF_CONFIG")
-
-
-def free_ports(count):
-    """`count` distinct free ports: bound together (so they differ), then
-    released for the clients' gRPC servers."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-               for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def base_env():

@@ -38,13 +38,14 @@ What Keras 3.15.1's BackupAndRestore does under MultiWorkerMirroredStrategy
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from tests.processes import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 JOB = "tests/multi_worker_job.py"
@@ -57,20 +58,6 @@ EPOCHS = 3  # multi_worker_job.EPOCHS
 # 0, and the survivor cannot reach the end of epoch 1 (it needs worker 0 for
 # every step), so both workers' backups are of the same epoch.
 CRASH_AT_STEP = STEPS_PER_EPOCH + 2
-
-
-def free_ports(count):
-    """`count` distinct free ports: bound together (so they differ), then
-    released for the workers' gRPC servers."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-               for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def tf_config(ports, index):
