@@ -1,0 +1,299 @@
+"""Times `model.fit` epochs of a small transformer with keras_adamw.AdamW and
+keras.optimizers.AdamW, on one device and under MirroredStrategy.
+
+The model: token and position embeddings, --blocks blocks of
+(LayerNormalization, causal MultiHeadAttention, residual; LayerNormalization,
+Dense MLP with gelu, residual), a final LayerNormalization and a Dense
+projection to the vocabulary, trained for next-token prediction on
+synthetic token sequences. Both optimizers start from the same weights and
+see the same batches; `compile` keeps Keras' defaults (jit_compile="auto",
+which turns XLA off for the model on CPU; keras_adamw still runs its own
+update as one XLA program because its own jit_compile defaults to True).
+
+Each (configuration, optimizer) pair runs in its own process: the mirrored
+configuration splits the CPU into 2 logical devices before TensorFlow does
+anything else, and two MirroredStrategy objects of different sizes in one
+process can fail with collective group errors.
+
+Usage:
+
+    python benchmarks/fit_epoch.py
+    python benchmarks/fit_epoch.py --configs=single --epochs=5
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["single", "mirrored"],
+                  "single: one CPU device. mirrored: MirroredStrategy over 2 "
+                  "logical CPU devices (the 2 cores are split in two).")
+flags.DEFINE_list("optimizers", ["keras_adamw", "keras"],
+                  "keras_adamw: keras_adamw.AdamW(); keras: "
+                  "keras.optimizers.AdamW().")
+flags.DEFINE_integer("epochs", 4, "Epochs per run; the first (tracing and "
+                     "compilation) is reported separately.", lower_bound=2)
+flags.DEFINE_integer("examples", 768, "Synthetic sequences per epoch.",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.", lower_bound=2)
+flags.DEFINE_integer("vocab", 4000, "Vocabulary size.", lower_bound=2)
+flags.DEFINE_integer("d_model", 128, "Model width.", lower_bound=1)
+flags.DEFINE_integer("heads", 4, "Attention heads.", lower_bound=1)
+flags.DEFINE_integer("ff", 512, "MLP hidden width.", lower_bound=1)
+flags.DEFINE_integer("blocks", 2, "Transformer blocks.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
+flags.DEFINE_float("weight_decay", 0.004, "AdamW weight decay.")
+flags.DEFINE_integer("seed", 0, "Seed of the data and initial weights.")
+flags.DEFINE_integer("wait_idle", 0,
+                     "Wait up to this many seconds for other processes to "
+                     "leave the CPUs idle before each run.", lower_bound=0)
+flags.DEFINE_string("child", None, "Internal: CONFIG:OPTIMIZER to run here.")
+flags.DEFINE_string("child_output", None, "Internal: JSON output path.")
+
+OPTIMIZER_LABELS = {
+    "keras_adamw": "keras_adamw.AdamW",
+    "keras": "keras.optimizers.AdamW",
+}
+CONFIG_LABELS = {
+    "single": "one CPU device",
+    "mirrored": "MirroredStrategy, 2 logical CPUs",
+}
+
+
+def make_data():
+    """Token sequences following t[i+1] = (5 t[i] + 7) mod vocab, with 10%
+    of the tokens replaced by random ones; targets are the next tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(FLAGS.seed)
+    tokens = np.empty((FLAGS.examples, FLAGS.seq_len + 1), np.int32)
+    tokens[:, 0] = rng.integers(0, FLAGS.vocab, FLAGS.examples)
+    for i in range(1, FLAGS.seq_len + 1):
+        tokens[:, i] = (5 * tokens[:, i - 1] + 7) % FLAGS.vocab
+    noise = rng.random(tokens.shape) < 0.1
+    tokens[noise] = rng.integers(0, FLAGS.vocab, int(noise.sum()))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def make_model():
+    import keras
+
+    class PositionEmbedding(keras.layers.Layer):
+        def __init__(self, length, width, **kwargs):
+            super().__init__(**kwargs)
+            self.embedding = keras.layers.Embedding(length, width)
+            self.length = length
+
+        def call(self, x):
+            return x + self.embedding(keras.ops.arange(self.length))
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    inputs = keras.Input((FLAGS.seq_len,), dtype="int32")
+    x = keras.layers.Embedding(FLAGS.vocab, FLAGS.d_model)(inputs)
+    x = PositionEmbedding(FLAGS.seq_len, FLAGS.d_model)(x)
+    for _ in range(FLAGS.blocks):
+        h = keras.layers.LayerNormalization()(x)
+        h = keras.layers.MultiHeadAttention(
+            FLAGS.heads, FLAGS.d_model // FLAGS.heads)(
+                h, h, use_causal_mask=True)
+        x = x + h
+        h = keras.layers.LayerNormalization()(x)
+        h = keras.layers.Dense(FLAGS.ff, activation="gelu")(h)
+        x = x + keras.layers.Dense(FLAGS.d_model)(h)
+    x = keras.layers.LayerNormalization()(x)
+    outputs = keras.layers.Dense(FLAGS.vocab)(x)
+    return keras.Model(inputs, outputs)
+
+
+def make_optimizer(name):
+    import keras
+
+    kwargs = dict(learning_rate=FLAGS.learning_rate,
+                  weight_decay=FLAGS.weight_decay)
+    if name == "keras_adamw":
+        import keras_adamw
+
+        return keras_adamw.AdamW(**kwargs)
+    return keras.optimizers.AdamW(**kwargs)
+
+
+def child(config, optimizer_name, output):
+    """Trains in this process; writes epoch times and the loss as JSON."""
+    import tensorflow as tf
+
+    if config == "mirrored":
+        # Before anything else touches the devices.
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+
+    x, y = make_data()
+    if config == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(
+            [d.name for d in tf.config.list_logical_devices("CPU")][:2])
+    else:
+        strategy = tf.distribute.get_strategy()
+    result = {"replicas": strategy.num_replicas_in_sync}
+    try:
+        with strategy.scope():
+            model = make_model()
+            optimizer = make_optimizer(optimizer_name)
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+        result["parameters"] = int(sum(
+            int(tf.size(v)) for v in model.trainable_variables))
+        result["variables"] = len(model.trainable_variables)
+
+        class EpochTimer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.times = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.times.append(time.perf_counter() - self.start)
+
+        timer = EpochTimer()
+        history = model.fit(x, y, batch_size=FLAGS.batch_size,
+                            epochs=FLAGS.epochs, shuffle=False, verbose=0,
+                            callbacks=[timer])
+        result.update(
+            epoch_seconds=timer.times,
+            steps_per_epoch=-(-FLAGS.examples // FLAGS.batch_size),
+            loss=history.history["loss"],
+            iterations=int(optimizer.iterations.numpy()),
+            jit_compile=str(model.jit_compile),
+        )
+    except Exception as error:  # noqa: BLE001 - reported by the parent.
+        result["error"] = (f"{type(error).__name__}: "
+                           f"{error}".splitlines()[0][:400])
+    with open(output, "w") as f:
+        json.dump(result, f)
+
+
+def run_child(config, optimizer_name):
+    with tempfile.TemporaryDirectory() as tmp:
+        output = os.path.join(tmp, "result.json")
+        argv = [sys.executable, os.path.abspath(__file__),
+                f"--child={config}:{optimizer_name}",
+                f"--child_output={output}"]
+        for flag in ("epochs", "examples", "batch_size", "seq_len", "vocab",
+                     "d_model", "heads", "ff", "blocks", "learning_rate",
+                     "weight_decay", "seed"):
+            argv.append(f"--{flag}={FLAGS[flag].value}")
+        load = common.OtherLoad().start()
+        completed = subprocess.run(argv, check=False)
+        other = load.stop()
+        if completed.returncode != 0 or not os.path.exists(output):
+            return {"error": f"the process exited with code "
+                             f"{completed.returncode}", "other_load": other}
+        with open(output) as f:
+            result = json.load(f)
+        result["other_load"] = other
+        return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for name in FLAGS.optimizers:
+        if name not in OPTIMIZER_LABELS:
+            raise app.UsageError(f"Unknown optimizer {name!r}; use "
+                                 f"{sorted(OPTIMIZER_LABELS)}.")
+    for name in FLAGS.configs:
+        if name not in CONFIG_LABELS:
+            raise app.UsageError(f"Unknown config {name!r}; use "
+                                 f"{sorted(CONFIG_LABELS)}.")
+    if FLAGS.child:
+        config, optimizer_name = FLAGS.child.split(":")
+        child(config, optimizer_name, FLAGS.child_output)
+        return
+
+    lines = common.header("fit_epoch: model.fit epoch time, keras_adamw.AdamW "
+                          "vs keras.optimizers.AdamW",
+                          ["tensorflow", "keras", "keras_adamw", "numpy"])
+    lines.append(
+        f"- model: embedding {FLAGS.vocab}x{FLAGS.d_model} + positions, "
+        f"{FLAGS.blocks} blocks (MultiHeadAttention {FLAGS.heads} heads, "
+        f"MLP {FLAGS.d_model}-{FLAGS.ff}-{FLAGS.d_model}), Dense to "
+        f"{FLAGS.vocab}; next-token loss on {FLAGS.examples} synthetic "
+        f"sequences of {FLAGS.seq_len} tokens, global batch "
+        f"{FLAGS.batch_size}; compile() with Keras' defaults")
+    lines.append(f"- {FLAGS.epochs} epochs per run; 'later epochs' is the "
+                 f"median (and min-max) of epochs 2..{FLAGS.epochs}; each "
+                 "run in its own process")
+    lines.append("")
+    print("\n".join(lines), flush=True)
+
+    results = {}
+    for config in FLAGS.configs:
+        for name in FLAGS.optimizers:
+            if FLAGS.wait_idle:
+                common.wait_until_idle(FLAGS.wait_idle)
+            common.log(f"fit: {CONFIG_LABELS[config]}, "
+                       f"{OPTIMIZER_LABELS[name]}")
+            results[config, name] = run_child(config, name)
+            common.log(f"    {results[config, name]}")
+
+    import statistics
+
+    first = next((r for r in results.values() if "parameters" in r), None)
+    if first:
+        print(f"Model: {first['variables']} trainable variables, "
+              f"{first['parameters']:,} parameters.\n")
+    print("| configuration | optimizer | first epoch s | later epochs s "
+          "(min-max) | ms/step | x keras_adamw | first epoch loss | "
+          "final loss | other load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
+    for config in FLAGS.configs:
+        reference = results.get((config, "keras_adamw"), {})
+        reference_median = (statistics.median(reference["epoch_seconds"][1:])
+                            if "epoch_seconds" in reference else None)
+        for name in FLAGS.optimizers:
+            r = results[config, name]
+            label = CONFIG_LABELS[config]
+            if "epoch_seconds" not in r:
+                print(f"| {label} | {OPTIMIZER_LABELS[name]} | failed | | | "
+                      f"| | | {r.get('other_load', float('nan')):.2f} |")
+                notes.append(f"- {label}, {OPTIMIZER_LABELS[name]}: "
+                             f"{r.get('error')}")
+                continue
+            later = r["epoch_seconds"][1:]
+            median = statistics.median(later)
+            ratio = (f"{median / reference_median:.2f}" if reference_median
+                     else "-")
+            print(f"| {label} | {OPTIMIZER_LABELS[name]} | "
+                  f"{r['epoch_seconds'][0]:.2f} | {median:.2f} "
+                  f"({min(later):.2f}-{max(later):.2f}) | "
+                  f"{median / r['steps_per_epoch'] * 1e3:.1f} | {ratio} | "
+                  f"{r['loss'][0]:.4f} | {r['loss'][-1]:.4f} | "
+                  f"{r['other_load']:.2f} |")
+    print()
+    print("'x keras_adamw' = median later epoch / keras_adamw's in the same "
+          "configuration (>1: slower than keras_adamw). 'other load' = cores "
+          "kept busy by other processes during the run (0 = quiet).")
+    if notes:
+        print("\nFailures:")
+        print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    app.run(main)
