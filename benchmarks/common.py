@@ -145,25 +145,12 @@ def time_steps(step, warmup, repeats, steps_per_repeat=1,
     Returns:
         A `Timing`, and the total number of steps run.
     """
-    start = time.perf_counter()
-    step()
-    first_call = time.perf_counter() - start
-    last = first_call
-    for _ in range(max(warmup - 1, 0)):
-        start = time.perf_counter()
-        step()
-        last = time.perf_counter() - start
-    if steps_per_repeat <= 0:
-        steps_per_repeat = max(1, min(max_steps_per_repeat, int(
-            min_repeat_seconds / max(last, 1e-9)) + 1))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps_per_repeat):
-            step()
-        times.append((time.perf_counter() - start) / steps_per_repeat)
-    total = max(warmup, 1) + repeats * steps_per_repeat
-    return Timing(first_call, times, steps_per_repeat), total
+    first_call, last = warm_up(step, warmup)
+    steps = steps_for(last, steps_per_repeat, min_repeat_seconds,
+                      max_steps_per_repeat)
+    times = [sample(step, steps) for _ in range(repeats)]
+    total = max(warmup, 1) + repeats * steps
+    return Timing(first_call, times, steps), total
 
 
 def warm_up(step, warmup):
