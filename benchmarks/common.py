@@ -133,26 +133,6 @@ class Timing:
         return percentile(self.times, 75) - percentile(self.times, 25)
 
 
-def time_steps(step, warmup, repeats, steps_per_repeat=1,
-               min_repeat_seconds=0.0, max_steps_per_repeat=200):
-    """Times `step()` (which must block until the step is done).
-
-    The first call (tracing and compilation included) is timed on its own
-    and counts as a warmup step. Each of `repeats` samples is the mean over
-    `steps_per_repeat` consecutive steps; with `steps_per_repeat=0` it is
-    chosen so that a sample lasts at least `min_repeat_seconds`.
-
-    Returns:
-        A `Timing`, and the total number of steps run.
-    """
-    first_call, last = warm_up(step, warmup)
-    steps = steps_for(last, steps_per_repeat, min_repeat_seconds,
-                      max_steps_per_repeat)
-    times = [sample(step, steps) for _ in range(repeats)]
-    total = max(warmup, 1) + repeats * steps
-    return Timing(first_call, times, steps), total
-
-
 def warm_up(step, warmup):
     """Runs `warmup` (at least 1) steps; returns the seconds of the first
     (with tracing and compilation) and of the last."""

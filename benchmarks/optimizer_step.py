@@ -534,46 +534,11 @@ def workloads():
             for text in FLAGS.sweep_sizes]
 
 
-def run_one(name, shapes, weights, grads, dtype):
-    """Times implementation or floor `name`; returns a result dict."""
-    import numpy as np
-
-    total = int(sum(int(np.prod(s)) for s in shapes))
-    if name in FLOORS:
-        label, setup = FLOORS[name]
-        make = lambda: setup(total, dtype)  # noqa: E731
-    else:
-        label, setup = IMPLEMENTATIONS[name]
-        make = lambda: setup(weights, grads, dtype)  # noqa: E731
-    common.log(f"[{len(shapes)} variables, {total:,} parameters, {dtype}] "
-               f"{name}: {label}")
-    try:
-        step, check = make()
-        timing, steps = common.time_steps(
-            step, FLAGS.warmup, FLAGS.repeats, FLAGS.steps_per_repeat,
-            FLAGS.min_repeat_ms / 1000.0)
-        check(steps)
-        common.log(f"    median {timing.median * 1e3:.3f} ms "
-                   f"(first call {timing.first_call:.2f} s)")
-        return {"label": label, "times": timing.times,
-                "first_call": timing.first_call,
-                "steps_per_repeat": timing.steps_per_repeat}
-    except Skip as reason:
-        common.log(f"    skipped: {reason}")
-        return {"label": label, "skipped": str(reason)}
-    except Exception as error:  # noqa: BLE001 - report and go on.
-        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        common.log(f"    failed: {message}")
-        return {"label": label, "skipped": "failed: " + message}
-    finally:
-        step = check = None
-        release()
-
-
-def run_interleaved(names, shapes, weights, grads, dtype):
-    """Like `run_one` for each of `names`, but all are set up and warmed up
-    first, then sampled in turns (round r starts with implementation r), so
-    that a change in the machine's load hits them all alike."""
+def run(names, shapes, weights, grads, dtype):
+    """Times each implementation or floor of `names`; returns
+    {name: result dict}. All are set up and warmed up first, then sampled in
+    turns (round r starts with implementation r), so that a change in the
+    machine's load hits them all alike."""
     import numpy as np
 
     total = int(sum(int(np.prod(s)) for s in shapes))
@@ -643,12 +608,11 @@ def child(group, output):
     results = {}
     for title, shapes in workloads():
         weights, grads = make_data(shapes, FLAGS.seed)
-        if FLAGS.interleave and len(names) > 1:
-            results[title] = run_interleaved(names, shapes, weights, grads,
-                                             FLAGS.dtype)
-        else:
-            results[title] = {name: run_one(name, shapes, weights, grads,
-                                            FLAGS.dtype) for name in names}
+        batches = [names] if FLAGS.interleave else [[n] for n in names]
+        results[title] = {}
+        for batch in batches:
+            results[title].update(run(batch, shapes, weights, grads,
+                                      FLAGS.dtype))
         del weights, grads
         _TF_GRADS.clear()
         release()
