@@ -47,13 +47,6 @@ class _Program:
         self.function = function
 
 
-def _tf_variable(variable):
-    """The `tf.Variable` behind a `keras.Variable` (or the variable itself)."""
-    if isinstance(variable, keras.Variable):
-        return variable.value
-    return variable
-
-
 @keras.saving.register_keras_serializable(package="keras_adamw")
 class Adam(keras.optimizers.Optimizer):
     """Adam, a drop-in for `keras.optimizers.Adam`, fused and exact.
@@ -343,13 +336,14 @@ class Adam(keras.optimizers.Optimizer):
     def _add_mesh_slot(self, reference_variable, name, initializer, shape):
         """A slot `DVariable` laid out like its model variable (see
         `MeshPlacement.slot_layout`)."""
-        reference = _tf_variable(reference_variable)
-        self._placement.check_variable(reference, validation.variable_name)
+        self._placement.check_variable(reference_variable,
+                                       validation.variable_name)
         prefix = validation.variable_name(reference_variable)
         prefix = prefix.replace("/", "_").replace(":", "_")
         if shape is None:
             shape = tuple(reference_variable.shape)
-            layout = self._placement.slot_layout(reference.layout, shape)
+            layout = self._placement.slot_layout(
+                validation.tf_variable(reference_variable).layout, shape)
         else:
             shape = tuple(shape)
             layout = self._placement.replicated(len(shape))
@@ -600,7 +594,7 @@ class Adam(keras.optimizers.Optimizer):
             )
         indices = tuple(self._get_variable_index(v) for _, v in present)
         if self._placement is not None:
-            gradients = [self._placement.place_gradient(g, _tf_variable(v))
+            gradients = [self._placement.place_gradient(g, v)
                          for g, v in present]
             hyper = self._placement.place_scalars(hyper)
         else:
@@ -631,8 +625,7 @@ class Adam(keras.optimizers.Optimizer):
             validation.check_variable(variable)
             if self._placement is not None:
                 self._placement.check_variable(
-                    _tf_variable(variable),
-                    lambda _: validation.variable_name(variable))
+                    variable, validation.variable_name)
             if known is not None and self._var_key(variable) not in known:
                 raise ValueError(
                     f"Unknown variable {validation.variable_name(variable)!r}:"
@@ -664,7 +657,8 @@ class Adam(keras.optimizers.Optimizer):
             return
         extended = tf.distribute.get_strategy().extended
         for variable in [self._iterations] + list(variables):
-            if not extended.variable_created_in_scope(_tf_variable(variable)):
+            if not extended.variable_created_in_scope(
+                    validation.tf_variable(variable)):
                 raise ValueError(
                     f"Variable {validation.variable_name(variable)!r} was not "
                     "created in the scope of the current "
@@ -728,10 +722,10 @@ class Adam(keras.optimizers.Optimizer):
 
         def tf_variables(variables):
             return None if variables is None else [
-                _tf_variable(v) for v in variables]
+                validation.tf_variable(v) for v in variables]
 
         return step.State(
-            iterations=_tf_variable(self._iterations),
+            iterations=validation.tf_variable(self._iterations),
             variables=tf_variables(self._trainable_variables),
             momentums=tf_variables(self._momentums),
             velocities=tf_variables(self._velocities),
@@ -795,8 +789,7 @@ class Adam(keras.optimizers.Optimizer):
         config = self._step_config()
         hyper = self._hyperparameters(learning_rate)
         if self._placement is not None:
-            gradient = self._placement.place_gradient(
-                gradient, _tf_variable(variable))
+            gradient = self._placement.place_gradient(gradient, variable)
             hyper = self._placement.place_scalars(hyper)
         step.update_variable(
             adam_math.densify(gradient),
@@ -867,7 +860,7 @@ class Adam(keras.optimizers.Optimizer):
 
     def _assign_array(self, variable, value):
         if self._placement is not None:
-            self._placement.assign(_tf_variable(variable), value)
+            self._placement.assign(variable, value)
         else:
             variable.assign(value)
 
@@ -885,7 +878,7 @@ class Adam(keras.optimizers.Optimizer):
         ['0', '1']
         """
         for i, variable in enumerate(self.variables):
-            store[str(i)] = (self._placement.numpy(_tf_variable(variable))
+            store[str(i)] = (self._placement.numpy(variable)
                              if self._placement is not None
                              else np.asarray(variable.numpy()))
 

@@ -8,6 +8,7 @@ optimizer runs them before it changes any state.
 import math
 import numbers
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -230,6 +231,19 @@ def check_bool(name, value):
             f"Argument `{name}` must be a bool. Received: {name}={value!r}"
         )
     return bool(value)
+
+
+def tf_variable(variable):
+    """The `tf.Variable` behind a `keras.Variable` (or the variable itself).
+
+    Example:
+
+    >>> tf_variable(keras.Variable(1.0)).__class__.__name__
+    'ResourceVariable'
+    """
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
 
 
 def variable_name(variable):

@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from keras_adamw import validation
+
 
 class MeshPlacement:
     """Places an optimizer's state on a DTensor mesh.
@@ -99,14 +101,16 @@ class MeshPlacement:
         return reference_layout
 
     def check_variable(self, variable, describe):
-        """Raises unless `variable` is a `DVariable` on this mesh."""
-        if not isinstance(variable, dtensor.DVariable):
+        """Raises unless `variable` is (a `keras.Variable` holding) a
+        `DVariable` on this mesh; `describe(variable)` names it."""
+        backing = validation.tf_variable(variable)
+        if not isinstance(backing, dtensor.DVariable):
             raise ValueError(
                 f"Variable {describe(variable)!r} is a "
-                f"{type(variable).__name__}, not a DVariable: an optimizer on "
+                f"{type(backing).__name__}, not a DVariable: an optimizer on "
                 "a DTensor mesh updates only DVariables on that mesh "
                 "(DTensor and regular variables never meet in one update).")
-        mesh = variable.layout.mesh
+        mesh = backing.layout.mesh
         if mesh != self.mesh:
             raise ValueError(
                 f"Variable {describe(variable)!r} lives on mesh {mesh}, not "
@@ -118,6 +122,7 @@ class MeshPlacement:
         `tf.IndexedSlices` are summed into a dense gradient first: DTensor's
         sparse scatter ops do not propagate layouts of sharded variables.
         """
+        variable = validation.tf_variable(variable)
         layout = variable.layout
         if isinstance(gradient, tf.IndexedSlices):
             values = self.to_mesh(gradient.values,
@@ -134,12 +139,13 @@ class MeshPlacement:
 
     def numpy(self, variable):
         """The global value of a (possibly sharded) variable as an array."""
-        value = tf.convert_to_tensor(variable)
+        value = tf.convert_to_tensor(validation.tf_variable(variable))
         replicated = dtensor.relayout(value, self.replicated(value.shape.rank))
         return dtensor.unpack(replicated)[0].numpy()
 
     def assign(self, variable, value):
         """Assigns an array (or tensor) to a variable, keeping its layout."""
+        variable = validation.tf_variable(variable)
         variable.assign(self.to_mesh(value, variable.layout,
                                      dtype=variable.dtype))
 
