@@ -1,13 +1,20 @@
-"""Helpers shared by the benchmark scripts: the machine header and timing."""
+"""Helpers shared by the benchmark scripts: the machine header, timing,
+the machine's load, the flags two scripts share and their child
+processes."""
 
 import datetime
 import importlib
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+
+from absl import flags
 
 
 def cpu_model():
@@ -226,8 +233,6 @@ def wait_until_idle(max_seconds, threshold=0.2, window=3.0):
 def git_description(path):
     """'<commit>' of the repository at `path`, '+ uncommitted changes in
     keras_adamw/' when the package differs from it."""
-    import subprocess
-
     try:
         commit = subprocess.run(
             ["git", "-C", path, "rev-parse", "--short", "HEAD"],
@@ -240,3 +245,43 @@ def git_description(path):
         return "unknown (not a git checkout)"
     return commit + (" + uncommitted changes in keras_adamw/" if dirty
                      else "")
+
+
+def define_shared_flags():
+    """Defines the flags that optimizer_step.py and fit_epoch.py both have:
+    --seed, --learning_rate, --weight_decay, --wait_idle and the internal
+    --child_output. A script that calls this adopts them with
+    `flags.adopt_module_key_flags(common)`, so that its --help lists
+    them."""
+    flags.DEFINE_integer("seed", 0, "Seed of the data and the initial "
+                         "weights.")
+    flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
+    flags.DEFINE_float("weight_decay", 0.004, "AdamW weight decay.")
+    flags.DEFINE_integer("wait_idle", 0,
+                         "Wait up to this many seconds for other processes "
+                         "to leave the CPUs idle (< 0.2 cores busy) before "
+                         "each child process starts.", lower_bound=0)
+    flags.DEFINE_string("child_output", None, "Internal: JSON output path.")
+
+
+def run_child(script, arguments, forwarded):
+    """Runs `python script *arguments --child_output=FILE`, plus
+    --NAME=VALUE for each flag NAME in `forwarded` as this process has it.
+
+    Returns:
+        (exit code, the JSON the child wrote to FILE, or None if it failed).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        output = os.path.join(tmp, "result.json")
+        argv = [sys.executable, os.path.abspath(script), *arguments,
+                f"--child_output={output}"]
+        for name in forwarded:
+            value = flags.FLAGS[name].value
+            if isinstance(value, list):
+                value = ",".join(value)
+            argv.append(f"--{name}={value}")
+        completed = subprocess.run(argv, check=False)
+        if completed.returncode != 0 or not os.path.exists(output):
+            return completed.returncode, None
+        with open(output) as f:
+            return completed.returncode, json.load(f)

@@ -23,9 +23,6 @@ Usage:
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,14 +50,15 @@ flags.DEFINE_integer("d_model", 128, "Model width.", lower_bound=1)
 flags.DEFINE_integer("heads", 4, "Attention heads.", lower_bound=1)
 flags.DEFINE_integer("ff", 512, "MLP hidden width.", lower_bound=1)
 flags.DEFINE_integer("blocks", 2, "Transformer blocks.", lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
-flags.DEFINE_float("weight_decay", 0.004, "AdamW weight decay.")
-flags.DEFINE_integer("seed", 0, "Seed of the data and initial weights.")
-flags.DEFINE_integer("wait_idle", 0,
-                     "Wait up to this many seconds for other processes to "
-                     "leave the CPUs idle before each run.", lower_bound=0)
 flags.DEFINE_string("child", None, "Internal: CONFIG:OPTIMIZER to run here.")
-flags.DEFINE_string("child_output", None, "Internal: JSON output path.")
+# --seed, --learning_rate, --weight_decay, --wait_idle and --child_output.
+common.define_shared_flags()
+flags.adopt_module_key_flags(common)
+
+# What a child process gets from the parent, besides its run.
+CHILD_FLAGS = ("epochs", "examples", "batch_size", "seq_len", "vocab",
+               "d_model", "heads", "ff", "blocks", "learning_rate",
+               "weight_decay", "seed")
 
 OPTIMIZER_LABELS = {
     "keras_adamw": "keras_adamw.AdamW",
@@ -189,25 +187,15 @@ def child(config, optimizer_name, output):
 
 
 def run_child(config, optimizer_name):
-    with tempfile.TemporaryDirectory() as tmp:
-        output = os.path.join(tmp, "result.json")
-        argv = [sys.executable, os.path.abspath(__file__),
-                f"--child={config}:{optimizer_name}",
-                f"--child_output={output}"]
-        for flag in ("epochs", "examples", "batch_size", "seq_len", "vocab",
-                     "d_model", "heads", "ff", "blocks", "learning_rate",
-                     "weight_decay", "seed"):
-            argv.append(f"--{flag}={FLAGS[flag].value}")
-        load = common.OtherLoad().start()
-        completed = subprocess.run(argv, check=False)
-        other = load.stop()
-        if completed.returncode != 0 or not os.path.exists(output):
-            return {"error": f"the process exited with code "
-                             f"{completed.returncode}", "other_load": other}
-        with open(output) as f:
-            result = json.load(f)
-        result["other_load"] = other
-        return result
+    load = common.OtherLoad().start()
+    code, result = common.run_child(
+        __file__, [f"--child={config}:{optimizer_name}"], CHILD_FLAGS)
+    other = load.stop()
+    if result is None:
+        return {"error": f"the process exited with code {code}",
+                "other_load": other}
+    result["other_load"] = other
+    return result
 
 
 def main(argv):

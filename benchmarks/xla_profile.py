@@ -99,6 +99,7 @@ def traffic_report():
     import tensorflow as tf
 
     import keras_adamw
+    from keras_adamw import step
 
     shapes = [tuple(int(d) for d in s.split("x")) for s in FLAGS.shapes]
     variables = [keras.Variable(np.zeros(s, np.float32), dtype=FLAGS.dtype,
@@ -107,9 +108,10 @@ def traffic_report():
     gradients = [tf.ones(s, FLAGS.dtype) for s in shapes]
     optimizer = keras_adamw.AdamW()
     optimizer.build(variables)
-    # The compiled step and its arguments: keras_adamw.optimizers keeps the
-    # program in `_xla_program` (see tests/test_xla.py).
-    hlo = optimizer._xla_program.function.experimental_get_compiler_ir(
+    # The compiled step and its arguments: keras_adamw.execution keeps the
+    # program (see tests/test_xla.py).
+    program = optimizer._programs.value.compiled(step.apply_step)
+    hlo = program.experimental_get_compiler_ir(
         gradients, tuple(range(len(variables))), optimizer._state(),
         optimizer._hyperparameters(), optimizer._step_config())(
             stage="optimized_hlo")

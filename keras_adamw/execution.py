@@ -1,6 +1,11 @@
 """Where and how a step runs: the one place that picks the execution path.
 
-- `jit_compile=True`: `step.apply_step` compiled by XLA, one program for all
+Every write to the optimizer's state goes through `Programs.run`: a whole
+step (`step.apply_step`, from `apply`), one variable's update
+(`step.update_one`, from `update_step`) and the EMA overwrite
+(`step.copy_averages`, from `finalize_variable_values`).
+
+- `jit_compile=True`: the function compiled by XLA, one program for all
   variables of a step. `jit_compile=False`: the same function op by op.
 - Without a `tf.distribute` strategy the program runs once on the
   variables. Under a strategy (after the gradients were summed across
@@ -21,8 +26,6 @@ implements all of it.
 import warnings
 
 import tensorflow as tf
-
-from keras_adamw import step
 
 # Strategies whose variables live away from the devices that compute.
 _REMOTE_VARIABLE_STRATEGIES = (
@@ -49,10 +52,10 @@ def in_strategy():
     return tf.distribute.has_strategy()
 
 
-def choose_program(xla_program, jit_compile):
-    """Returns the XLA program, or `step.apply_step` to run op by op."""
+def choose_program(function, xla_program, jit_compile):
+    """Returns the XLA program, or `function` to run op by op."""
     if not jit_compile:
-        return step.apply_step
+        return function
     strategy = tf.distribute.get_strategy()
     if isinstance(strategy, _REMOTE_VARIABLE_STRATEGIES):
         warnings.warn(
@@ -61,17 +64,53 @@ def choose_program(xla_program, jit_compile):
             "keras_adamw runs the update without XLA.",
             stacklevel=2,
         )
-        return step.apply_step
+        return function
     return xla_program
 
 
-def run(xla_program, jit_compile, gradients, indices, state, hyper, config):
-    """Runs one step where the variables of `state` live: once, or once per
-    local device of the current strategy (entered from the replica context
-    through `merge_call`).
+class Programs:
+    """An optimizer's XLA programs, one per step function, compiled on first
+    use.
+
+    Held by the optimizer out of sight of TensorFlow's object tracking: a
+    `tf.function` stored on a trackable object would be exported by
+    `tf.saved_model.save`.
+
+    Example:
+
+    >>> from keras_adamw import step
+    >>> programs = Programs()
+    >>> programs.run(step.copy_averages, False, [], (), None, {}, None)
+    """
+
+    def __init__(self):
+        self._compiled = {}
+
+    def compiled(self, function):
+        """`function` compiled with XLA (made once)."""
+        if function not in self._compiled:
+            self._compiled[function] = tf.function(
+                function, jit_compile=True, autograph=False)
+        return self._compiled[function]
+
+    def run(self, function, jit_compile, gradients, indices, state, hyper,
+            config):
+        """Runs `function` (a step function of `keras_adamw.step`) with XLA
+        or op by op, where the variables live; see `run`."""
+        run(function, self.compiled(function) if jit_compile else None,
+            jit_compile, gradients, indices, state, hyper, config)
+
+
+def run(function, xla_program, jit_compile, gradients, indices, state, hyper,
+        config):
+    """Runs a step function where the variables of `state` live: once, or
+    once per local device of the current strategy (entered from the replica
+    context through `merge_call`).
 
     Args:
-        xla_program: `step.apply_step` compiled with XLA.
+        function: A function of `keras_adamw.step` taking
+            `(gradients, indices, state, hyper, config)`.
+        xla_program: `function` compiled with XLA.
         jit_compile: Whether to use it (see `choose_program`).
         gradients: Dense gradients, already summed across replicas.
         indices: Positions of the gradients' variables in `state`.
@@ -79,7 +118,7 @@ def run(xla_program, jit_compile, gradients, indices, state, hyper, config):
         hyper: Dict of scalar hyperparameter tensors.
         config: A `step.StepConfig`.
     """
-    program = choose_program(xla_program, jit_compile)
+    program = choose_program(function, xla_program, jit_compile)
     if not in_strategy():
         program(gradients, indices, state, hyper, config)
         return

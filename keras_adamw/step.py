@@ -7,6 +7,10 @@ constraints and counts the call. It reads and writes only the variables in
 its `State` argument, never the optimizer, so the same program runs on one
 device, on each device of a `tf.distribute` strategy (given that device's
 copies), and on DTensor variables.
+
+`update_one` (Keras' `update_step`) and `copy_averages` (Keras'
+`finalize_variable_values`) take the same arguments, so
+`keras_adamw.execution` runs all three the same way.
 """
 
 import collections
@@ -158,12 +162,24 @@ def update_moving_average(real_index, state, config):
     frequency = config.ema_overwrite_frequency
     if frequency:
         tf.cond(tf.equal((real_index + 1) % frequency, 0),
-                lambda: copy_averages(state, range(len(state.variables))),
+                lambda: copy_averages(
+                    (), range(len(state.variables)), state, None, None),
                 lambda: None)
 
 
-def copy_averages(state, indices):
-    """Sets the variables `indices` to their moving averages."""
+def update_one(gradients, indices, state, hyper, config):
+    """Applies the whole AdamW step to the one variable `indices[0]`
+    (weight decay included), without clipping, EMA or counting the call."""
+    (gradient,), (index,) = gradients, indices
+    update_variable(gradient, index, real_iterations(state.iterations,
+                                                     config) + 1,
+                    state, hyper, config)
+
+
+def copy_averages(gradients, indices, state, hyper, config):
+    """Sets the variables `indices` to their moving averages (`gradients`,
+    `hyper` and `config` are unused)."""
+    del gradients, hyper, config
     for index in indices:
         _store(state.variables[index],
                tf.convert_to_tensor(state.averages[index]))

@@ -187,37 +187,6 @@ def check_positive_int_or_none(name, value, minimum):
     return int(value)
 
 
-def check_clip_options(clipnorm, clipvalue, global_clipnorm):
-    """Checks that at most one clip option is set, and that it is positive.
-
-    Example:
-
-    >>> check_clip_options(1.0, None, None)
-    (1.0, None, None)
-    """
-    options = {
-        "clipnorm": clipnorm,
-        "clipvalue": clipvalue,
-        "global_clipnorm": global_clipnorm,
-    }
-    given = {k: v for k, v in options.items() if v is not None}
-    if len(given) > 1:
-        raise ValueError(
-            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
-            "be set. Received: "
-            + ", ".join(f"{k}={v}" for k, v in given.items())
-        )
-    for name, value in given.items():
-        number = check_number(name, value, low=0.0)
-        if number == 0.0:
-            raise ValueError(
-                f"Argument `{name}` must be > 0 or None. Received: "
-                f"{name}={value}"
-            )
-        options[name] = number
-    return options["clipnorm"], options["clipvalue"], options["global_clipnorm"]
-
-
 def check_bool(name, value):
     """Checks that `value` is a bool.
 
@@ -306,3 +275,73 @@ def check_gradient(gradient, variable):
             f"{grad_shape}, but the variable has shape "
             f"{tf.TensorShape(variable.shape)}."
         )
+
+
+def check_pairs(gradients, variables, *, placement, is_known=None,
+                optimizer_name=""):
+    """Checks one call's gradients against its variables.
+
+    Args:
+        gradients: Gradients (or `None`), one per variable.
+        variables: The variables.
+        placement: The optimizer's `Placement` (it may refuse a variable).
+        is_known: For a built optimizer, `is_known(variable)` says whether
+            it was built with `variable`; `None` before build.
+        optimizer_name: Named in the messages.
+
+    Returns:
+        `(present, missing)`: the `(gradient, variable)` pairs with a
+        gradient, and the names of the variables without one.
+
+    Example:
+
+    >>> from keras_adamw.placement import LocalPlacement
+    >>> w = tf.Variable([1.0])
+    >>> check_pairs([None, tf.ones([1])], [tf.Variable(0.0, name="b"), w],
+    ...             placement=LocalPlacement())[1]
+    ['b:0']
+    """
+    present, missing = [], []
+    for gradient, variable in zip(gradients, variables):
+        check_variable(variable)
+        placement.check_variable(variable)
+        if is_known is not None and not is_known(variable):
+            raise ValueError(
+                f"Unknown variable {variable_name(variable)!r}: optimizer "
+                f"{optimizer_name!r} was built on other variables. Create a "
+                "new optimizer for a new set of variables.")
+        if getattr(variable, "overwrite_with_gradient", False):
+            raise NotImplementedError(
+                "Variables with `overwrite_with_gradient=True` (float8 "
+                "training) are not supported. Received: "
+                f"{variable_name(variable)!r}")
+        if gradient is None:
+            missing.append(variable_name(variable))
+        else:
+            check_gradient(gradient, variable)
+            present.append((gradient, variable))
+    if not present:
+        raise ValueError(
+            f"No gradients provided for any variable. Variables: {missing}")
+    return present, missing
+
+
+def check_created_in_strategy_scope(variables):
+    """Under a `tf.distribute` strategy, `variables` (the model's and the
+    optimizer's) must have been created in its scope, or copies would be
+    updated twice.
+
+    Example:
+
+    >>> check_created_in_strategy_scope([tf.Variable(1.0)])
+    """
+    if not tf.distribute.has_strategy():
+        return
+    strategy = tf.distribute.get_strategy()
+    for variable in variables:
+        if not strategy.extended.variable_created_in_scope(
+                tf_variable(variable)):
+            raise ValueError(
+                f"Variable {variable_name(variable)!r} was not created in the "
+                f"scope of the current {type(strategy).__name__}: create the "
+                "model and the optimizer under `strategy.scope()`.")

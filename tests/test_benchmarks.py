@@ -8,7 +8,7 @@ right, both scripts run end to end, and the optimizer-state memory the
 README states is what the optimizers allocate.
 """
 
-import importlib.util
+import importlib
 import pathlib
 import re
 import subprocess
@@ -24,39 +24,44 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def optimizer_step():
-    """benchmarks/optimizer_step.py as a module (its absl flags are
-    defined, not parsed; its functions need none of them)."""
+def import_benchmark(name):
+    """benchmarks/NAME.py as a module (benchmarks/ is a folder of scripts;
+    workloads.py and report.py define no absl flags and need none)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location(
-            "optimizer_step", BENCHMARKS / "optimizer_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_bert_workload_is_bert_base_sized(optimizer_step):
-    shapes = optimizer_step.bert_shapes()
+@pytest.fixture(scope="module")
+def workloads():
+    return import_benchmark("workloads")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return import_benchmark("report")
+
+
+def test_bert_workload_is_bert_base_sized(workloads):
+    shapes = workloads.bert_shapes()
     assert len(shapes) == 169
     assert sum(int(np.prod(s)) for s in shapes) == 90_872_832
     assert shapes[0] == (7600, 768)
 
 
-def test_small_workload_is_2000_variables_of_1k_to_4k(optimizer_step):
-    sizes = [int(np.prod(s)) for s in optimizer_step.small_shapes()]
+def test_small_workload_is_2000_variables_of_1k_to_4k(workloads):
+    sizes = [int(np.prod(s)) for s in workloads.small_shapes()]
     assert len(sizes) == 2000
     assert min(sizes) == 1024 and max(sizes) == 4096
 
 
-def test_sweep_sizes_parse(optimizer_step):
-    assert optimizer_step.parse_size("1M") == 1_000_000
-    assert optimizer_step.parse_size("30m") == 30_000_000
-    assert optimizer_step.parse_size("2.5k") == 2_500
-    shapes = optimizer_step.sweep_shapes(1_000_000, 16)
+def test_sweep_sizes_parse(workloads):
+    assert workloads.parse_size("1M") == 1_000_000
+    assert workloads.parse_size("30m") == 30_000_000
+    assert workloads.parse_size("2.5k") == 2_500
+    shapes = workloads.sweep_shapes(1_000_000, 16)
     assert len(shapes) == 16 and shapes[0] == (62_500,)
 
 
@@ -68,7 +73,7 @@ def timed(label, median):
             "steps_per_repeat": 1}
 
 
-def test_report_ratios_floor_and_target_verdicts(optimizer_step):
+def test_report_ratios_floor_and_target_verdicts(report):
     shapes = [(1_000_000,)] * 10  # 10M float32 parameters
     results = {
         "keras_adamw_xla_tf_function": timed("ours", 0.010),
@@ -79,8 +84,8 @@ def test_report_ratios_floor_and_target_verdicts(optimizer_step):
         "floor_torch": timed("flat torch", 0.0070),  # the floor
         "optax": {"label": "optax", "skipped": "jax is not installed"},
     }
-    lines, medians = optimizer_step.report(shapes, results, "float32",
-                                           per_parameter=True)
+    lines, medians = report.part_report(shapes, results, "float32",
+                                        per_parameter=True)
     text = "\n".join(lines)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
             for line in lines if line.startswith("| ") and " | " in line}

@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
+from keras_adamw import step
 
 
 def xla_function(optimizer):
-    return optimizer._xla_program.function
+    return optimizer._programs.value.compiled(step.apply_step)
 
 
 def test_one_program_for_all_variables_traced_once():

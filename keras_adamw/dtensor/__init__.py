@@ -24,5 +24,9 @@ from keras_adamw.dtensor.optimizers import Adam  # noqa: E402
 from keras_adamw.dtensor.optimizers import AdamW  # noqa: E402
 from keras_adamw.dtensor.placement import MeshPlacement  # noqa: E402
 from keras_adamw.dtensor.placement import state_bytes_per_device  # noqa: E402
+from keras_adamw import placement as _placement  # noqa: E402
+
+# The core's `Adam(mesh=...)` makes its placement through this.
+_placement.register_mesh_placement(MeshPlacement)
 
 __all__ = ["Adam", "AdamW", "MeshPlacement", "state_bytes_per_device"]

@@ -1,5 +1,7 @@
 """`keras_adamw.dtensor.Adam` and `AdamW`: the core optimizers on a mesh."""
 
+import keras
+
 from keras_adamw import optimizers
 from keras_adamw.dtensor.placement import MeshPlacement
 
@@ -11,7 +13,22 @@ class _OnMesh:
         super().__init__(mesh=MeshPlacement(mesh, state_sharding_axis),
                          **kwargs)
 
+    def get_config(self):
+        """The core optimizer's config plus `mesh` (its string form) and
+        `state_sharding_axis`: JSON, and `from_config` needs nothing more.
 
+        Example:
+
+        >>> config = keras_adamw.dtensor.AdamW(mesh).get_config()
+        >>> keras_adamw.dtensor.AdamW.from_config(config).mesh == mesh
+        True
+        """
+        config = super().get_config()
+        config["state_sharding_axis"] = self._placement.state_sharding_axis
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_adamw.dtensor")
 class Adam(_OnMesh, optimizers.Adam):
     """`keras_adamw.Adam` on a DTensor mesh.
 
@@ -35,6 +52,7 @@ class Adam(_OnMesh, optimizers.Adam):
     """
 
 
+@keras.saving.register_keras_serializable(package="keras_adamw.dtensor")
 class AdamW(_OnMesh, optimizers.AdamW):
     """`keras_adamw.AdamW` on a DTensor mesh; see `keras_adamw.dtensor.Adam`.
 

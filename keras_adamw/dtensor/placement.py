@@ -1,4 +1,4 @@
-"""How the DTensor mode makes and places variables and tensors.
+"""`MeshPlacement`: the `keras_adamw.placement.Placement` of a DTensor mesh.
 
 This is all the DTensor mode changes: slots become `DVariable`s laid out
 like their model variable (or sharded further, see `slot_layout`), the step
@@ -10,10 +10,13 @@ as everywhere.
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from keras_adamw import _keras_compat
+from keras_adamw import placement
 from keras_adamw import validation
 
 
@@ -35,9 +38,15 @@ class MeshPlacement:
     """
 
     def __init__(self, mesh, state_sharding_axis=None):
+        if isinstance(mesh, str):  # The form get_config writes.
+            try:
+                mesh = dtensor.Mesh.from_string(mesh)
+            except ValueError:
+                pass  # Reported below as not a mesh.
         if not isinstance(mesh, dtensor.Mesh):
             raise TypeError(
-                "Argument `mesh` must be a tf.experimental.dtensor.Mesh. "
+                "Argument `mesh` must be a tf.experimental.dtensor.Mesh (or "
+                "the string form `Mesh.to_string()` gives). "
                 f"Received: mesh={mesh!r}")
         if (state_sharding_axis is not None
                 and state_sharding_axis not in mesh.dim_names):
@@ -100,9 +109,49 @@ class MeshPlacement:
                 return dtensor.Layout(specs, self.mesh)
         return reference_layout
 
-    def check_variable(self, variable, describe):
+    def adopt_scalars(self, variables):
+        """Moves the step counter and learning rate the Keras base class made
+        onto the mesh, as replicated scalar `DVariable`s, keeping them
+        `keras.Variable`s (so Keras' code that uses them is unchanged)."""
+        for variable in variables:
+            _keras_compat.replace_backing_variable(variable, self.make_variable(
+                tf.convert_to_tensor(variable.value), self.replicated(0),
+                name=variable.path))
+
+    def add_variable(self, optimizer, shape, initializer, dtype, aggregation,
+                     layout, name):
+        """A `keras.Variable` holding a `DVariable` (replicated unless
+        `layout` says otherwise), tracked by `optimizer`."""
+        del aggregation  # tf.distribute only.
+        shape = tuple(shape)
+        layout = layout or self.replicated(len(shape))
+        dtype = dtype or keras.backend.floatx()
+        value = keras.initializers.get(initializer)(shape, dtype=dtype)
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            variable = keras.Variable(
+                self.make_variable(value, layout, name=name),
+                dtype=dtype, trainable=False, name=name)
+        _keras_compat.track_variable(optimizer, variable)
+        return variable
+
+    def add_slot(self, optimizer, reference, shape, initializer, name):
+        """A slot laid out like its model variable (see `slot_layout`); a slot
+        of another `shape` is replicated."""
+        self.check_variable(reference)
+        if shape is None:
+            shape = tuple(reference.shape)
+            layout = self.slot_layout(
+                validation.tf_variable(reference).layout, shape)
+        else:
+            layout = self.replicated(len(shape))
+        return self.add_variable(
+            optimizer, shape, initializer, reference.dtype, "none", layout,
+            placement.slot_name(reference, name))
+
+    def check_variable(self, variable):
         """Raises unless `variable` is (a `keras.Variable` holding) a
-        `DVariable` on this mesh; `describe(variable)` names it."""
+        `DVariable` on this mesh."""
+        describe = validation.variable_name
         backing = validation.tf_variable(variable)
         if not isinstance(backing, dtensor.DVariable):
             raise ValueError(
@@ -148,6 +197,11 @@ class MeshPlacement:
         variable = validation.tf_variable(variable)
         variable.assign(self.to_mesh(value, variable.layout,
                                      dtype=variable.dtype))
+
+    def get_config(self):
+        """The mesh in its string form (`dtensor.Mesh.from_string` reads
+        it), so an optimizer's config is JSON and recreates the mesh."""
+        return {"mesh": self.mesh.to_string()}
 
 
 def state_bytes_per_device(optimizer):

@@ -1,0 +1,217 @@
+"""The optimizer's hyperparameters as one table.
+
+Each row says a hyperparameter's name, what it accepts, its range and
+default, whether the step reads it as a tensor (evaluated every step: a
+schedule or callable is called afresh) and whether it fixes the optimizer's
+structure (its slots) once built. The table drives everything else:
+
+- `check(name, value)`: the constructor's checks and the checks when an
+  attribute is assigned later (`optimizer.beta_1 = 1.5` raises);
+- `step_tensors(values)`: the tensors one step reads, with values computed
+  at run time range-checked before they are used;
+- `EXTRA_CONFIG`: the keys `get_config` adds to Keras' base config.
+
+Adding a hyperparameter is one row here, one constructor argument, and its
+use in `keras_adamw.step`.
+"""
+
+import collections
+
+import tensorflow as tf
+
+from keras_adamw import validation
+
+Hyperparameter = collections.namedtuple(
+    "Hyperparameter",
+    ["name", "kind", "low", "high", "high_open", "default", "in_step",
+     "structural", "in_base_config"],
+)
+Hyperparameter.__doc__ = """One row of the table.
+
+`kind` is one of:
+- `"rate"`: a learning rate (number, eager scalar tensor, schedule or
+  zero-argument callable), `>= low`;
+- `"number"`: a finite float in `[low, high]` (`high` excluded when
+  `high_open`); `"number_or_callable"` also accepts scalar tensors and
+  zero-argument callables (range-checked when evaluated);
+- `"number_or_none"`: a number or `None`; `"positive_or_none"`: a number
+  `> 0` or `None`;
+- `"int_or_none"`: an int `>= low` or `None`; `"bool"`.
+
+`in_step`: the step reads it as a scalar tensor. `structural`: it decides
+which slots exist, so it cannot change once the optimizer is built.
+`in_base_config`: Keras' base `get_config` already writes it.
+"""
+
+_ROWS = [
+    # name, kind, low, high, high_open, default, in_step, structural, base
+    ("learning_rate", "rate", 0.0, None, False, 0.001, True, False, True),
+    ("beta_1", "number_or_callable", 0.0, 1.0, True, 0.9, True, False, False),
+    ("beta_2", "number_or_callable", 0.0, 1.0, True, 0.999, True, False,
+     False),
+    ("epsilon", "number", 0.0, None, False, 1e-7, True, False, False),
+    ("weight_decay", "number_or_none", 0.0, None, False, None, True, False,
+     True),
+    ("amsgrad", "bool", None, None, False, False, False, True, False),
+    ("clipnorm", "positive_or_none", 0.0, None, False, None, False, False,
+     True),
+    ("clipvalue", "positive_or_none", 0.0, None, False, None, False, False,
+     True),
+    ("global_clipnorm", "positive_or_none", 0.0, None, False, None, False,
+     False, True),
+    ("use_ema", "bool", None, None, False, False, False, True, True),
+    ("ema_momentum", "number", 0.0, 1.0, False, 0.99, False, False, True),
+    ("ema_overwrite_frequency", "int_or_none", 1, None, False, None, False,
+     False, True),
+    ("loss_scale_factor", "positive_or_none", 0.0, None, False, None, False,
+     False, True),
+    ("gradient_accumulation_steps", "int_or_none", 2, None, False, None,
+     False, True, True),
+    ("jit_compile", "bool", None, None, False, True, False, False, False),
+]
+TABLE = collections.OrderedDict(
+    (row[0], Hyperparameter(*row)) for row in _ROWS)
+
+# Keys `get_config` adds to the base class' config.
+EXTRA_CONFIG = tuple(h.name for h in TABLE.values() if not h.in_base_config)
+# The clip options, of which at most one may be set.
+CLIP_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+def _range_kwargs(row):
+    return dict(low=row.low, high=row.high, high_open=row.high_open)
+
+
+def check(name, value):
+    """Checks `value` for hyperparameter `name`; returns it normalised
+    (numbers as floats, ints as ints).
+
+    Raises:
+        TypeError: A value of the wrong kind, naming `name` and the value.
+        ValueError: A value out of range, naming `name` and the value.
+
+    Example:
+
+    >>> check("beta_1", 0.5)
+    0.5
+    >>> check("beta_1", 1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument `beta_1` must be a finite number in [0.0, 1.0). Received: beta_1=1.5
+    """
+    row = TABLE[name]
+    kind = row.kind
+    if kind == "rate":
+        return validation.check_learning_rate(value)
+    if kind == "bool":
+        return validation.check_bool(name, value)
+    if kind == "int_or_none":
+        return validation.check_positive_int_or_none(name, value, row.low)
+    if value is None and kind in ("number_or_none", "positive_or_none"):
+        return None
+    number = validation.check_number(
+        name, value, allow_callable=kind == "number_or_callable",
+        allow_tensor=kind == "number_or_callable", **_range_kwargs(row))
+    if kind == "positive_or_none" and number == 0:
+        raise ValueError(
+            f"Argument `{name}` must be > 0 or None. Received: {name}={value}")
+    return number
+
+
+def check_clip_options(values):
+    """Checks that at most one clip option in `values` (a dict) is set.
+
+    Example:
+
+    >>> check_clip_options({"clipnorm": 1.0, "clipvalue": None})
+    """
+    given = {k: values[k] for k in CLIP_OPTIONS
+             if values.get(k) is not None}
+    if len(given) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
+            "be set. Received: "
+            + ", ".join(f"{k}={v}" for k, v in given.items()))
+
+
+def check_arguments(values):
+    """Checks a dict of constructor arguments (every key a row of the
+    table); returns the normalised dict. Nothing is created before this.
+
+    Example:
+
+    >>> check_arguments({"amsgrad": True, "epsilon": 1e-8})
+    {'epsilon': 1e-08, 'amsgrad': True}
+    """
+    checked = {}
+    for name in TABLE:  # In the table's order: the first bad one raises.
+        if name not in values:
+            continue
+        if name == CLIP_OPTIONS[0]:
+            check_clip_options(values)
+        checked[name] = check(name, values[name])
+    return checked
+
+
+def check_assignment(optimizer, name, value):
+    """Checks `optimizer.<name> = value` after construction: the value as
+    the constructor would, the clip options jointly, and no change to a
+    structural hyperparameter once built.
+
+    Example:
+
+    >>> opt = keras_adamw.Adam()
+    >>> opt.epsilon = -1.0
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument `epsilon` must be a finite number in [0.0, inf]. Received: epsilon=-1.0
+    """
+    value = check(name, value)
+    if name in CLIP_OPTIONS and value is not None:
+        others = {k: getattr(optimizer, k, None) for k in CLIP_OPTIONS}
+        others[name] = value
+        check_clip_options(others)
+    row = TABLE[name]
+    if (row.structural and getattr(optimizer, "built", False)
+            and value != getattr(optimizer, name)):
+        raise ValueError(
+            f"`{name}` cannot change once optimizer {optimizer.name!r} is "
+            f"built (it decides which slots exist). Received: {name}={value}; "
+            f"it is {getattr(optimizer, name)!r}. Create a new optimizer.")
+    return value
+
+
+def _evaluate(value):
+    """`value` as a tensor: a callable is called, a number kept in float64
+    until the step casts it to each variable's compute dtype."""
+    computed = callable(value) and not tf.is_tensor(value)
+    if computed:
+        value = value()
+    return tf.convert_to_tensor(value, dtype_hint=tf.float64), computed
+
+
+def step_tensors(values, computed_learning_rate):
+    """The scalar tensors one step reads, from the current values of the
+    `in_step` hyperparameters (`None` ones are left out).
+
+    A value computed now (by a callable, or `learning_rate` from a
+    schedule when `computed_learning_rate`) is range-checked: eagerly at
+    once, inside a `tf.function` by an assertion that runs before the
+    update.
+
+    Example:
+
+    >>> sorted(step_tensors({"learning_rate": 0.1, "beta_1": lambda: 0.9,
+    ...                      "weight_decay": None}, False))
+    ['beta_1', 'learning_rate']
+    """
+    tensors = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        value, computed = _evaluate(value)
+        if computed or (name == "learning_rate" and computed_learning_rate):
+            value = validation.check_tensor_in_range(
+                name, value, **_range_kwargs(TABLE[name]))
+        tensors[name] = value
+    return tensors

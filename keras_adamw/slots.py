@@ -1,0 +1,112 @@
+"""The optimizer's slots: which exist, their names and their order.
+
+Per model variable: `momentum` and `velocity`, `velocity_hat` with amsgrad,
+and (made by the Keras base class) the EMA `average` and the
+`gradient_accumulator`. Names are Keras' (`{variable path}_{slot}`) and the
+order is Keras' (slots interleaved per variable, in build order), so
+`.keras` files and checkpoints move between `keras_adamw` and
+`keras.optimizers.Adam`/`AdamW`. Where a slot lives is the placement's
+business (`keras_adamw.placement`).
+"""
+
+ADAM_SLOTS = ("momentum", "velocity")
+AMSGRAD_SLOT = "velocity_hat"
+
+
+def add_slots(optimizer, variables, names):
+    """Adds slots `names` for each of `variables`, interleaved per variable
+    as Keras' `add_optimizer_variables` does.
+
+    Returns:
+        One list of slots per name, aligned with `variables`.
+
+    Example:
+
+    >>> opt = keras_adamw.Adam()
+    >>> w = keras.Variable([1.0], name="w")
+    >>> momentums, velocities = add_slots(opt, [w], ["momentum", "velocity"])
+    >>> velocities[0].name
+    'w_velocity'
+    """
+    slots = tuple([] for _ in names)
+    for variable in variables:
+        for slot_list, name in zip(slots, names):
+            slot_list.append(optimizer.add_variable_from_reference(
+                variable, name=name))
+    return slots
+
+
+def adam_slots(optimizer, variables, amsgrad):
+    """Momentums, velocities and (amsgrad only, else `None`) velocity_hats.
+
+    Example:
+
+    >>> opt = keras_adamw.Adam()
+    >>> m, v, v_hat = adam_slots(opt, [keras.Variable([1.0])], amsgrad=False)
+    >>> len(m), v_hat
+    (1, None)
+    """
+    momentums, velocities = add_slots(optimizer, variables, ADAM_SLOTS)
+    velocity_hats = None
+    if amsgrad:
+        (velocity_hats,) = add_slots(optimizer, variables, [AMSGRAD_SLOT])
+    return momentums, velocities, velocity_hats
+
+
+class Slots:
+    """The optimizer's variable-making methods, through its placement."""
+
+    def add_variable_from_reference(
+        self, reference_variable, name=None, initializer="zeros", shape=None
+    ):
+        """Adds an optimizer variable shaped like `reference_variable`.
+
+        Overrides Keras to accept `shape` (Keras 2) and to make the slot
+        through the optimizer's placement.
+
+        Args:
+            reference_variable: The model variable it belongs to.
+            name: Suffix of the new variable's name (Keras 2 called this
+                `variable_name`); the name is `{path}_{name}`.
+            initializer: Keras initializer or its name. Defaults to zeros.
+            shape: Optional shape, for a slot not shaped like the variable.
+
+        Returns:
+            The new `keras.Variable`, colocated with `reference_variable`.
+
+        Example:
+
+        >>> opt = keras_adamw.Adam()
+        >>> w = keras.Variable([1.0, 2.0], name="w")
+        >>> opt.add_variable_from_reference(w, "norm", shape=()).shape
+        ()
+        """
+        return self._placement.add_slot(
+            self, reference_variable, None if shape is None else tuple(shape),
+            initializer, name)
+
+    def add_variable(self, shape, initializer="zeros", dtype=None,
+                     aggregation="none", layout=None, name=None):
+        """Adds an optimizer variable.
+
+        Overrides Keras to make it through the optimizer's placement (a
+        replicated `DVariable` on a mesh unless `layout` says otherwise).
+
+        Args:
+            shape: Its shape.
+            initializer: Keras initializer or its name. Defaults to zeros.
+            dtype: Its dtype; defaults to `keras.backend.floatx()`.
+            aggregation: How `tf.distribute` aggregates it.
+            layout: Optional layout (a `dtensor.Layout` on a mesh).
+            name: Its name.
+
+        Returns:
+            The new variable.
+
+        Example:
+
+        >>> keras_adamw.Adam().add_variable((2,), name="scratch").shape
+        (2,)
+        """
+        return self._placement.add_variable(
+            self, shape, initializer, dtype, aggregation, layout, name)
