@@ -1,0 +1,159 @@
+"""The shape of the code, as the architecture promises it:
+
+- no private Keras name outside `keras_adamw/_keras_compat.py`;
+- no DTensor (mesh or placement) branch in the core, and all DTensor code
+  under `keras_adamw/dtensor/`;
+- imports only run down the layers (the core never imports `dtensor`);
+- no module over ~400 lines;
+- `keras_adamw.dtensor` optimizers' configs are JSON and round-trip.
+"""
+
+import ast
+import json
+import pathlib
+
+import keras
+import pytest
+from tensorflow.experimental import dtensor
+
+import keras_adamw
+from keras_adamw import _keras_compat
+
+PACKAGE = pathlib.Path(keras_adamw.__file__).parent
+CORE = sorted(p for p in PACKAGE.glob("*.py"))
+ALL = sorted(PACKAGE.rglob("*.py"))
+
+# Lower layers never import higher ones. A module may import any module of
+# a lower layer (or its own layer where listed together below it).
+LAYERS = [
+    {"adam_math", "_keras_compat", "validation"},
+    {"hyperparams", "step", "placement"},
+    {"execution", "slots", "state_io", "keras2_api", "step_inputs",
+     "weight_decay"},
+    {"optimizers"},
+    {"dtensor"},
+    {"callbacks", "demo"},
+    {"__init__"},
+]
+
+
+def _layer(module):
+    for depth, layer in enumerate(LAYERS):
+        if module in layer:
+            return depth
+    raise AssertionError(f"module {module!r} is in no layer of the test")
+
+
+def keras_private_names():
+    """Private attributes of Keras' optimizer base class and variables (as
+    built with every option the base class has)."""
+    optimizer = keras.optimizers.Optimizer(
+        learning_rate=0.1, use_ema=True, gradient_accumulation_steps=2)
+    variable = keras.Variable([1.0])
+    optimizer.build([variable])
+    names = set(vars(optimizer)) | set(vars(variable))
+    for obj in (optimizer, variable):
+        names |= set(dir(obj))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_keras_private_names_are_only_in_the_compat_module():
+    private = keras_private_names()
+    assert {"_iterations", "_var_key", "_initialize"} <= private
+    offenders = []
+    for path in ALL:
+        if path.name == "_keras_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [
+                    a.name for a in node.names]
+                if any(n.startswith("keras.src") for n in names):
+                    offenders.append(f"{path.name}:{node.lineno} keras.src")
+    assert not offenders, offenders
+
+
+def test_the_compat_module_names_the_checked_versions():
+    low, high = _keras_compat.SUPPORTED_KERAS
+    assert _keras_compat.CHECKED_KERAS_VERSIONS[-1] == keras.__version__ or (
+        _keras_compat._version_tuple(low)
+        <= _keras_compat._version_tuple(keras.__version__)
+        <= _keras_compat._version_tuple(high))
+    with pytest.raises(ImportError, match=f"Keras >= {low}"):
+        _keras_compat.check_keras_version("3.0.0")
+    with pytest.warns(UserWarning, match="checked with Keras"):
+        _keras_compat.check_keras_version("9.0.0")
+
+
+def test_core_has_no_dtensor_branch_or_import():
+    """`placement.placement_for` is the one place that picks local or mesh;
+    no other core module asks."""
+    offenders = []
+    for path in CORE:
+        if path.name == "placement.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [
+                    a.name for a in node.names]
+                if any("dtensor" in n for n in names) and (
+                        path.name != "__init__.py"):
+                    offenders.append(f"{path.name}:{node.lineno} import")
+            if isinstance(node, (ast.If, ast.IfExp)):
+                test = ast.unparse(node.test)
+                if any(word in test.lower() for word in
+                       ("mesh", "placement", "dvariable", "dtensor")):
+                    offenders.append(f"{path.name}:{node.lineno} {test}")
+    assert not offenders, offenders
+
+
+def test_imports_run_down_the_layers():
+    offenders = []
+    for path in ALL:
+        module = ("dtensor" if path.parent.name == "dtensor"
+                  else path.stem)
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = []
+            if isinstance(node, ast.ImportFrom) and node.module and (
+                    node.module.startswith("keras_adamw")):
+                if node.module == "keras_adamw":
+                    imported = [a.name for a in node.names]
+                else:
+                    imported = [node.module.split(".")[1]]
+            for name in imported:
+                if name == module:
+                    continue
+                if _layer(name) >= _layer(module):
+                    offenders.append(f"{path}: {module} imports {name}")
+    assert not offenders, offenders
+
+
+def test_no_module_is_much_over_400_lines():
+    long = {p.name: n for p in ALL
+            if (n := len(p.read_text().splitlines())) > 440}
+    assert not long, long
+
+
+def test_dtensor_config_is_json_and_round_trips():
+    mesh = dtensor.create_mesh([("batch", 2), ("model", 2)],
+                               device_type="CPU")
+    for cls in (keras_adamw.dtensor.Adam, keras_adamw.dtensor.AdamW):
+        optimizer = cls(mesh, learning_rate=0.01, state_sharding_axis="batch",
+                        amsgrad=True)
+        config = json.loads(json.dumps(optimizer.get_config()))
+        assert config["state_sharding_axis"] == "batch"
+        again = cls.from_config(config)
+        assert again.mesh == mesh
+        assert again._placement.state_sharding_axis == "batch"
+        assert again.get_config() == optimizer.get_config()
+        restored = keras.optimizers.deserialize(
+            json.loads(json.dumps(keras.optimizers.serialize(optimizer))))
+        assert type(restored) is cls and restored.mesh == mesh
+    # The core optimizer on a mesh keeps its mesh too.
+    core = keras_adamw.AdamW(mesh=mesh)
+    assert keras_adamw.AdamW.from_config(
+        json.loads(json.dumps(core.get_config()))).mesh == mesh
