@@ -101,8 +101,8 @@ def step_size(learning_rate, beta_1, beta_2, step):
 
     Example:
 
-    >>> float(step_size(1.0, 0.9, 0.999, 1.0))  # sqrt(0.001) / 0.1
-    0.316227766...
+    >>> round(float(step_size(1.0, 0.9, 0.999, 1.0)), 5)  # sqrt(0.001) / 0.1
+    0.31623
     """
     beta_1_power = tf.pow(beta_1, step)
     beta_2_power = tf.pow(beta_2, step)

@@ -20,11 +20,16 @@ class OptimizerLogger(keras.callbacks.Callback):
 
     Example:
 
-    >>> history = model.fit(x, y, epochs=3,
-    ...                     callbacks=[keras_adamw.OptimizerLogger(),
-    ...                                keras.callbacks.TensorBoard("logs")])
-    >>> history.history["learning_rate"]  # doctest: +SKIP
-    [0.001, 0.001, 0.001]
+    >>> import tempfile
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_adamw.AdamW(learning_rate=0.01),
+    ...               loss="mse")
+    >>> history = model.fit(
+    ...     np.ones((8, 3)), np.ones((8, 1)), epochs=2, verbose=0,
+    ...     callbacks=[keras_adamw.OptimizerLogger(),
+    ...                keras.callbacks.TensorBoard(tempfile.mkdtemp())])
+    >>> [round(lr, 6) for lr in history.history["learning_rate"]]
+    [0.01, 0.01]
     """
 
     def __init__(self, every_batch=False):

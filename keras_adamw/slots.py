@@ -78,7 +78,7 @@ class Slots:
 
         >>> opt = keras_adamw.Adam()
         >>> w = keras.Variable([1.0, 2.0], name="w")
-        >>> opt.add_variable_from_reference(w, "norm", shape=()).shape
+        >>> tuple(opt.add_variable_from_reference(w, "norm", shape=()).shape)
         ()
         """
         return self._placement.add_slot(
@@ -105,7 +105,7 @@ class Slots:
 
         Example:
 
-        >>> keras_adamw.Adam().add_variable((2,), name="scratch").shape
+        >>> tuple(keras_adamw.Adam().add_variable((2,), name="scratch").shape)
         (2,)
         """
         return self._placement.add_variable(

@@ -213,8 +213,11 @@ def state_bytes_per_device(optimizer):
 
     Example:
 
-    >>> state_bytes_per_device(optimizer)  # doctest: +SKIP
-    [4104, 4104, 4104, 4104]
+    >>> optimizer = keras_adamw.dtensor.Adam(mesh)
+    >>> optimizer.build([dtensor.DVariable(dtensor.call_with_layout(
+    ...     tf.zeros, dtensor.Layout(["model"], mesh), shape=[8]))])
+    >>> state_bytes_per_device(optimizer)  # 8 + 4: counter, rate; 2*16: slots
+    [44, 44, 44, 44]
     """
     per_device = None
     for variable in optimizer.variables:
