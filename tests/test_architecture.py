@@ -57,6 +57,13 @@ def keras_private_names():
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
+def imported_names(node):
+    """The module and names an import statement names ([] for others)."""
+    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+        return []
+    return [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+
+
 def test_keras_private_names_are_only_in_the_compat_module():
     private = keras_private_names()
     assert {"_iterations", "_var_key", "_initialize"} <= private
@@ -68,11 +75,8 @@ def test_keras_private_names_are_only_in_the_compat_module():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [getattr(node, "module", None) or ""] + [
-                    a.name for a in node.names]
-                if any(n.startswith("keras.src") for n in names):
-                    offenders.append(f"{path.name}:{node.lineno} keras.src")
+            if any(n.startswith("keras.src") for n in imported_names(node)):
+                offenders.append(f"{path.name}:{node.lineno} keras.src")
     assert not offenders, offenders
 
 
@@ -97,12 +101,9 @@ def test_core_has_no_dtensor_branch_or_import():
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [getattr(node, "module", None) or ""] + [
-                    a.name for a in node.names]
-                if any("dtensor" in n for n in names) and (
-                        path.name != "__init__.py"):
-                    offenders.append(f"{path.name}:{node.lineno} import")
+            if any("dtensor" in n for n in imported_names(node)) and (
+                    path.name != "__init__.py"):
+                offenders.append(f"{path.name}:{node.lineno} import")
             if isinstance(node, (ast.If, ast.IfExp)):
                 test = ast.unparse(node.test)
                 if any(word in test.lower() for word in
