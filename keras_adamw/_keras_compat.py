@@ -72,6 +72,19 @@ def learning_rate_value(optimizer):
     return optimizer._learning_rate
 
 
+def use_learning_rate_variable(optimizer, variable):
+    """Makes the `keras.Variable` `variable` the optimizer's learning rate in
+    place of the one the base class made (`Optimizer._learning_rate`,
+    `_untrack_variable`, `_track_variable`), keeping its place second in
+    `optimizer.variables`."""
+    old = optimizer._learning_rate
+    if isinstance(old, keras.Variable):
+        optimizer._untrack_variable(old)
+    optimizer._learning_rate = variable
+    if not any(v is variable for v in optimizer.variables):
+        optimizer._track_variable(variable)
+
+
 def current_learning_rate(optimizer):
     """The learning rate of the coming step, a schedule evaluated at the
     raw call counter (`Optimizer._get_current_learning_rate`)."""

@@ -74,7 +74,9 @@ def densify(gradient, dtype=None):
 
     Args:
         gradient: A `tf.Tensor` or `tf.IndexedSlices`.
-        dtype: Optional dtype to cast the result to.
+        dtype: Optional dtype to cast to. Sparse values are cast before they
+            are summed, so that a bfloat16 row repeated 1000 times sums to
+            1000 in float32 rather than stopping at 256 in bfloat16.
 
     Example:
 
@@ -84,9 +86,13 @@ def densify(gradient, dtype=None):
     [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]
     """
     if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values
+        if dtype is not None:
+            values = tf.cast(values, dtype)
         # convert_to_tensor of IndexedSlices is an unsorted segment sum, which
         # adds the rows of repeated indices.
-        gradient = tf.convert_to_tensor(gradient)
+        gradient = tf.convert_to_tensor(tf.IndexedSlices(
+            values, gradient.indices, gradient.dense_shape))
     if dtype is not None:
         gradient = tf.cast(gradient, dtype)
     return gradient

@@ -94,18 +94,39 @@ class Programs:
         return self._compiled[function]
 
     def run(self, function, jit_compile, gradients, indices, state, hyper,
-            config):
+            config, guards=()):
         """Runs `function` (a step function of `keras_adamw.step`) with XLA
         or op by op, where the variables live; see `run`."""
         run(function, self.compiled(function) if jit_compile else None,
-            jit_compile, gradients, indices, state, hyper, config)
+            jit_compile, gradients, indices, state, hyper, config, guards)
+
+
+def _after_inputs(program, guards):
+    """`program`, made to start only once its gradients and hyperparameters
+    (and so every check that guards them) and `guards` have run.
+
+    An XLA program waits for its inputs anyway; op by op inside a
+    `tf.function`, an update that does not read a checked value (a
+    momentum does not read the learning rate) could otherwise be written
+    before a failing check stops the function: the step must happen
+    completely or not at all.
+    """
+
+    def guarded(gradients, indices, state, hyper, config):
+        waits = [t for t in tf.nest.flatten((gradients, hyper))
+                 if tf.is_tensor(t)] + [g for g in guards if g is not None]
+        with tf.control_dependencies(waits):
+            return program(gradients, indices, state, hyper, config)
+
+    return guarded
 
 
 def run(function, xla_program, jit_compile, gradients, indices, state, hyper,
-        config):
+        config, guards=()):
     """Runs a step function where the variables of `state` live: once, or
     once per local device of the current strategy (entered from the replica
-    context through `merge_call`).
+    context through `merge_call`). Nothing is written before every check
+    has passed (see `_after_inputs`).
 
     Args:
         function: A function of `keras_adamw.step` taking
@@ -117,8 +138,10 @@ def run(function, xla_program, jit_compile, gradients, indices, state, hyper,
         state: A `step.State` of (possibly distributed) `tf.Variable`s.
         hyper: Dict of scalar hyperparameter tensors.
         config: A `step.StepConfig`.
+        guards: Checks (assertion ops, or `None`) to pass before any write.
     """
-    program = choose_program(function, xla_program, jit_compile)
+    program = _after_inputs(
+        choose_program(function, xla_program, jit_compile), guards)
     if not in_strategy():
         program(gradients, indices, state, hyper, config)
         return

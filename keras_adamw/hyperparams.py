@@ -16,6 +16,7 @@ use in `keras_adamw.step`.
 """
 
 import collections
+import numbers
 
 import tensorflow as tf
 
@@ -215,3 +216,37 @@ def step_tensors(values, computed_learning_rate):
                 name, value, **_range_kwargs(TABLE[name]))
         tensors[name] = value
     return tensors
+
+
+def exact_rate(rate, exact):
+    """The learning rate as the user set it, in float64.
+
+    Keras holds a float learning rate in a float32 variable, so `lr=0.1`
+    would reach a float64 variable's update as 0.10000000149. `exact` is a
+    float64 copy of the value last set (kept beside Keras' variable): while
+    Keras' variable still holds that value rounded, it is used; once the
+    variable was changed otherwise (restored, assigned), the variable's
+    value is.
+
+    Example:
+
+    >>> float(exact_rate(tf.Variable(0.1), tf.Variable(0.1, dtype=tf.float64)))
+    0.1
+    >>> float(exact_rate(tf.Variable(0.5), tf.Variable(0.1, dtype=tf.float64)))
+    0.5
+    """
+    rate = tf.convert_to_tensor(rate)
+    exact = tf.convert_to_tensor(exact)
+    return tf.where(tf.equal(tf.cast(exact, rate.dtype), rate), exact,
+                    tf.cast(rate, exact.dtype))
+
+
+def is_number(value):
+    """Whether `value` is a plain real number (not a bool or tensor).
+
+    Example:
+
+    >>> is_number(0.1), is_number(True), is_number(tf.constant(0.1))
+    (True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -21,6 +21,7 @@ import typing
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_adamw import _keras_compat
 from keras_adamw import adam_math
@@ -44,12 +45,16 @@ class Placement(typing.Protocol):
         """Makes the slot `name` of model variable `reference` (its own shape
         when `shape` is None)."""
 
+    def make_scalar(self, value, dtype, name):
+        """Makes a scalar variable the optimizer keeps for itself (not one
+        of `optimizer.variables`, not checkpointed)."""
+
     def check_variable(self, variable):
         """Raises if model variable `variable` cannot be updated here."""
 
     def place_gradient(self, gradient, variable):
-        """The dense gradient (duplicate sparse indices summed), where
-        `variable` lives."""
+        """The dense gradient in `variable`'s compute dtype (duplicate
+        sparse indices summed in that dtype), where `variable` lives."""
 
     def place_scalars(self, scalars):
         """A dict of hyperparameter tensors, where the variables live."""
@@ -75,7 +80,7 @@ class LocalPlacement:
     >>> placement = LocalPlacement()
     >>> placement.place_gradient(tf.IndexedSlices(
     ...     tf.ones([2, 1]), tf.constant([0, 0]), tf.constant([2, 1])),
-    ...     None).numpy().tolist()
+    ...     tf.Variable([[0.0], [0.0]])).numpy().tolist()
     [[2.0], [0.0]]
     """
 
@@ -97,12 +102,17 @@ class LocalPlacement:
             shape=shape, initializer=initializer, dtype=reference.dtype,
             name=slot_name(reference, name))
 
+    def make_scalar(self, value, dtype, name):
+        with tf.init_scope():
+            return tf.Variable(value, dtype=dtype, trainable=False,
+                               name=name)
+
     def check_variable(self, variable):
         del variable  # Any floating variable (checked by validation).
 
     def place_gradient(self, gradient, variable):
-        del variable
-        return adam_math.densify(gradient)
+        return adam_math.densify(
+            gradient, adam_math.compute_dtype(variable.dtype))
 
     def place_scalars(self, scalars):
         return scalars

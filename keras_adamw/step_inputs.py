@@ -24,8 +24,12 @@ class StepInputs:
         changed attribute is seen at every step."""
         values = {h.name: getattr(self, h.name)
                   for h in hyperparams.TABLE.values() if h.in_step}
+        exact = self._exact_learning_rate.value
         if learning_rate is not None:
             values["learning_rate"] = learning_rate
+        elif exact is not None:
+            values["learning_rate"] = hyperparams.exact_rate(
+                values["learning_rate"], exact)
         computed = not isinstance(_keras_compat.learning_rate_value(self),
                                   (keras.Variable, tf.Variable))
         return hyperparams.step_tensors(values, computed)

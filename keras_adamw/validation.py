@@ -135,7 +135,8 @@ def check_tensor_in_range(name, value, *, low=None, high=None,
 
 def check_learning_rate(value):
     """Checks a learning rate: a non-negative number, a scalar tensor, a
-    `LearningRateSchedule` or a zero-argument callable.
+    `tf.Variable` (kept as it is), a `LearningRateSchedule` or a
+    zero-argument callable.
 
     Example:
 
@@ -145,6 +146,15 @@ def check_learning_rate(value):
     import keras
 
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
+    if isinstance(value, tf.Variable):
+        # The optimizer uses the variable itself: a later `assign` counts.
+        if value.shape.rank != 0 or not value.dtype.is_floating:
+            raise TypeError(
+                "Argument `learning_rate` given as a tf.Variable must be a "
+                f"floating scalar. Received: learning_rate={value!r}")
+        if tf.executing_eagerly():
+            check_number("learning_rate", float(value.numpy()), low=0.0)
         return value
     value = check_number(
         "learning_rate", value, low=0.0, allow_callable=True,
@@ -220,14 +230,30 @@ def variable_name(variable):
     return getattr(variable, "path", None) or variable.name
 
 
+def _is_variable(value):
+    return isinstance(value, (tf.Variable, keras.Variable))
+
+
 def check_variable(variable):
-    """Checks that `variable` has a floating dtype.
+    """Checks that `variable` is a variable (`tf.Variable` or
+    `keras.Variable`) with a floating dtype.
 
     Example:
 
     >>> check_variable(tf.Variable(1.0)) is None
     True
+    >>> check_variable(tf.constant(1.0))
+    Traceback (most recent call last):
+    ...
+    TypeError: An optimizer updates variables; received a tf.Tensor ...
     """
+    if not _is_variable(variable):
+        kind = ("tf.Tensor" if tf.is_tensor(variable)
+                else type(variable).__name__)
+        raise TypeError(
+            f"An optimizer updates variables; received a {kind} in its "
+            f"place: {variable!r:.200}. Pass `tf.Variable`s or "
+            "`keras.Variable`s (a model's `trainable_variables`).")
     dtype = tf.as_dtype(variable.dtype)
     if not dtype.is_floating:
         raise TypeError(
@@ -301,9 +327,19 @@ def check_pairs(gradients, variables, *, placement, is_known=None,
     ...             placement=LocalPlacement())[1]
     ['b:0']
     """
-    present, missing = [], []
+    present, missing, seen = [], [], set()
     for gradient, variable in zip(gradients, variables):
+        if _is_variable(gradient) and not _is_variable(variable):
+            raise TypeError(
+                f"Received the variable {variable_name(gradient)!r} where a "
+                "gradient belongs: pairs are (gradient, variable), in that "
+                "order.")
         check_variable(variable)
+        if id(tf_variable(variable)) in seen:
+            raise ValueError(
+                f"Variable {variable_name(variable)!r} appears twice in one "
+                "call; pass each variable once (sum its gradients).")
+        seen.add(id(tf_variable(variable)))
         placement.check_variable(variable)
         if is_known is not None and not is_known(variable):
             raise ValueError(
@@ -319,11 +355,81 @@ def check_pairs(gradients, variables, *, placement, is_known=None,
             missing.append(variable_name(variable))
         else:
             check_gradient(gradient, variable)
-            present.append((gradient, variable))
+            present.append((check_sparse_indices(gradient, variable),
+                            variable))
     if not present:
         raise ValueError(
             f"No gradients provided for any variable. Variables: {missing}")
     return present, missing
+
+
+def check_sparse_indices(gradient, variable):
+    """Checks that the indices of a `tf.IndexedSlices` gradient are rows of
+    `variable` (`0 <= index < rows`): eagerly at once, inside a `tf.function`
+    by an assertion that the step waits for. Other gradients pass as they
+    are.
+
+    Returns:
+        The gradient (its indices behind the assertion in a graph).
+
+    Example:
+
+    >>> check_sparse_indices(tf.IndexedSlices(
+    ...     tf.ones([1, 2]), tf.constant([-1]), tf.constant([3, 2])),
+    ...     tf.Variable(tf.zeros([3, 2]), name="table"))
+    Traceback (most recent call last):
+    ...
+    ValueError: The sparse gradient of variable 'table:0' has indices [-1] outside its rows [0, 3).
+    """
+    if not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    rows = variable.shape[0]
+    indices = gradient.indices
+    static = tf.get_static_value(indices)
+    if static is not None:
+        static = np.asarray(static)
+        bad = static[(static < 0) | (static >= rows)]
+        if bad.size:
+            raise ValueError(
+                f"The sparse gradient of variable {variable_name(variable)!r}"
+                f" has indices {sorted(set(bad.tolist()))[:10]} outside its "
+                f"rows [0, {rows}).")
+        return gradient
+    message = (f"The sparse gradient of variable {variable_name(variable)!r}"
+               f" has indices outside its rows [0, {rows})")
+    checks = [
+        tf.debugging.assert_non_negative(indices, message=message),
+        tf.debugging.assert_less(
+            indices, tf.cast(rows, indices.dtype), message=message),
+    ]
+    with tf.control_dependencies(checks):
+        indices = tf.identity(indices)
+    return tf.IndexedSlices(gradient.values, indices, gradient.dense_shape)
+
+
+def check_step_counter(iterations):
+    """Refuses a step that would wrap the int64 call counter (whose last
+    value would make the bias correction NaN). Returns the assertion to run
+    before the step inside a `tf.function`, or `None`.
+
+    Example:
+
+    >>> check_step_counter(tf.Variable(2**63 - 1, dtype=tf.int64))
+    Traceback (most recent call last):
+    ...
+    ValueError: The step counter is at its largest value (9223372036854775807); another step would wrap it. ...
+    """
+    largest = np.iinfo(tf.as_dtype(iterations.dtype).as_numpy_dtype).max
+    message = (f"The step counter is at its largest value ({largest}); "
+               "another step would wrap it. Reset `optimizer.iterations` or "
+               "make a new optimizer.")
+    if tf.executing_eagerly():
+        if int(iterations.numpy()) >= largest:
+            raise ValueError(message)
+        return None
+    return tf.debugging.assert_less(
+        tf.convert_to_tensor(iterations),
+        tf.constant(largest, iterations.dtype), message=message)
 
 
 def check_created_in_strategy_scope(variables):

@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from keras_adamw import _keras_compat
+from keras_adamw import adam_math
 from keras_adamw import placement
 from keras_adamw import validation
 
@@ -134,6 +135,11 @@ class MeshPlacement:
         _keras_compat.track_variable(optimizer, variable)
         return variable
 
+    def make_scalar(self, value, dtype, name):
+        """A replicated scalar `DVariable`, not tracked by the optimizer."""
+        return self.make_variable(tf.constant(value, dtype), self.replicated(0),
+                                  name=name)
+
     def add_slot(self, optimizer, reference, shape, initializer, name):
         """A slot laid out like its model variable (see `slot_layout`); a slot
         of another `shape` is replicated."""
@@ -166,20 +172,24 @@ class MeshPlacement:
                 f"on the optimizer's mesh {self.mesh}.")
 
     def place_gradient(self, gradient, variable):
-        """The dense gradient, on the mesh with `variable`'s layout.
+        """The dense gradient in `variable`'s compute dtype, on the mesh with
+        `variable`'s layout.
 
-        `tf.IndexedSlices` are summed into a dense gradient first: DTensor's
-        sparse scatter ops do not propagate layouts of sharded variables.
+        `tf.IndexedSlices` are summed (in the compute dtype) into a dense
+        gradient first: DTensor's sparse scatter ops do not propagate layouts
+        of sharded variables.
         """
         variable = validation.tf_variable(variable)
         layout = variable.layout
+        dtype = adam_math.compute_dtype(variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):
             values = self.to_mesh(gradient.values,
-                                  self.replicated(gradient.values.shape.rank))
+                                  self.replicated(gradient.values.shape.rank),
+                                  dtype=dtype)
             indices = self.to_mesh(gradient.indices, self.replicated(1))
             gradient = tf.math.unsorted_segment_sum(
                 values, indices, variable.shape[0])
-        return self.to_mesh(gradient, layout)
+        return self.to_mesh(gradient, layout, dtype=dtype)
 
     def place_scalars(self, scalars):
         """Hyperparameter tensors as replicated scalars on the mesh."""
