@@ -239,10 +239,11 @@ def clip_by_global_norm(gradients, clipnorm):
     ...     [tf.constant([3.0]), tf.constant([4.0])], 1.0)]
     [[0.6...], [0.8...]]
     """
-    squares = [tf.reduce_sum(tf.square(g)) for g in gradients]
-    # Variables of mixed precision: sum in the widest dtype among them.
-    dtype = max((s.dtype for s in squares), key=lambda d: d.size)
-    norm = tf.sqrt(tf.add_n([tf.cast(s, dtype) for s in squares]))
+    # Variables of mixed precision: square and sum in the widest dtype among
+    # them, so a float64 variable's clip is float64-exact.
+    dtype = max((g.dtype for g in gradients), key=lambda d: d.size)
+    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, dtype)))
+                             for g in gradients]))
     clipnorm = as_scalar(clipnorm, norm.dtype)
     scale = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
     scale = scale + (norm - norm)  # NaN for an infinite or NaN norm.
