@@ -19,8 +19,12 @@ import keras
 
 # The oldest Keras that works, and the newest checked. Where a private name
 # appeared or changed inside this range, the function says so.
-SUPPORTED_KERAS = ("3.9.0", "3.15.1")
-CHECKED_KERAS_VERSIONS = ("3.9.2", "3.15.1")
+# Below 3.10, `Variable._initialize` copies a `tf.Variable` it is given (the
+# DTensor mode loses its layouts), `add_optimizer_variables` and
+# `add_variable(layout=)` are missing, and before 3.7 `aggregation="none"` is
+# refused; Keras <= 3.4 has no `_iterations`.
+SUPPORTED_KERAS = ("3.10.0", "3.15.1")
+CHECKED_KERAS_VERSIONS = ("3.10.0", "3.15.1")
 
 
 def _version_tuple(version):
@@ -41,7 +45,7 @@ def check_keras_version(version=None):
     >>> check_keras_version("3.2.0")
     Traceback (most recent call last):
     ...
-    ImportError: keras_adamw needs Keras >= 3.9.0 (checked with 3.9.0 to 3.15.1); found Keras 3.2.0. ...
+    ImportError: keras_adamw needs Keras >= 3.10.0 (checked with 3.10.0 to 3.15.1); found Keras 3.2.0. ...
     """
     version = version or keras.__version__
     low, high = SUPPORTED_KERAS
@@ -137,7 +141,7 @@ def track_variable(optimizer, variable):
 def base_add_variable(optimizer, shape, initializer, dtype, aggregation,
                       layout, name):
     """Keras' own `Optimizer.add_variable` (public; `layout` exists since
-    Keras 3.6 and is passed only when set)."""
+    Keras 3.10 and is passed only when set)."""
     kwargs = {} if layout is None else {"layout": layout}
     return keras.optimizers.Optimizer.add_variable(
         optimizer, shape, initializer=initializer, dtype=dtype,
@@ -150,5 +154,6 @@ def base_add_variable(optimizer, shape, initializer, dtype, aggregation,
 def replace_backing_variable(variable, backing):
     """Makes the `keras.Variable` `variable` hold the `tf.Variable`
     `backing` (a `DVariable` on a mesh). Keras' TensorFlow `Variable.
-    _initialize` keeps a `tf.Variable` it is given as it is."""
+    _initialize` keeps a `tf.Variable` it is given as it is (since 3.10;
+    earlier releases copy it)."""
     variable._initialize(backing)

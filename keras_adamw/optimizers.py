@@ -20,9 +20,11 @@ import keras
 import tensorflow as tf
 
 from keras_adamw import _keras_compat
+from keras_adamw import call_checks
 from keras_adamw import execution
 from keras_adamw import hyperparams
 from keras_adamw import keras2_api
+from keras_adamw import learning_rate as learning_rate_lib
 from keras_adamw import placement as placement_lib
 from keras_adamw import slots
 from keras_adamw import state_io
@@ -32,18 +34,10 @@ from keras_adamw import validation
 from keras_adamw import weight_decay as weight_decay_lib
 
 
-class _Hidden:
-    """Holds an object out of sight of TensorFlow's object tracking (a
-    `tf.function` on a trackable would be exported by SavedModel)."""
-
-    def __init__(self, value):
-        self.value = value
-
-
 @keras.saving.register_keras_serializable(package="keras_adamw")
 class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
            weight_decay_lib.WeightDecayExclusion, step_inputs.StepInputs,
-           keras.optimizers.Optimizer):
+           learning_rate_lib.LearningRate, keras.optimizers.Optimizer):
     """Adam, a drop-in for `keras.optimizers.Adam`, fused and exact.
 
     Same arguments, defaults and numbers as `keras.optimizers.Adam` (Keras 3),
@@ -139,10 +133,8 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         base_names = [h.name for h in hyperparams.TABLE.values()
                       if h.in_base_config]
         user_rate = values["learning_rate"]
-        if isinstance(user_rate, tf.Variable):
-            placement.check_variable(user_rate)
-            # The base class wants a float; the variable replaces it below.
-            values["learning_rate"] = float(user_rate.numpy())
+        values["learning_rate"] = learning_rate_lib.base_class_rate(
+            user_rate, placement)
         super().__init__(name=name, **{k: values[k] for k in base_names})
         for name_ in hyperparams.EXTRA_CONFIG:
             setattr(self, name_, values[name_])
@@ -150,28 +142,11 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         self.mesh = placement.mesh
         self._exclusions = weight_decay_lib.Exclusions()
         self._decay_mask = None
-        self._programs = _Hidden(execution.Programs())
-        # A float learning rate, exactly as given (see hyperparams.exact_rate).
-        self._exact_learning_rate = _Hidden(None)
-        if hyperparams.is_number(user_rate):
-            self._exact_learning_rate = _Hidden(placement.make_scalar(
-                user_rate, tf.float64, name="learning_rate_as_set"))
+        self._programs = learning_rate_lib.Hidden(execution.Programs())
         scalars = [_keras_compat.iterations_variable(self)]
-        if isinstance(user_rate, tf.Variable):
-            self._use_learning_rate_variable(user_rate)
-        elif isinstance(_keras_compat.learning_rate_value(self),
-                        keras.Variable):
-            scalars.append(_keras_compat.learning_rate_value(self))
+        scalars += self._init_learning_rate(user_rate)
         placement.adopt_scalars(scalars)
         self._hyperparameters_checked = True
-
-    def _use_learning_rate_variable(self, variable):
-        """Uses the user's `tf.Variable` as the learning rate (wrapped, not
-        copied), so that `variable.assign(...)` changes the next step."""
-        with keras.name_scope(self.name, caller=self):
-            wrapper = keras.Variable(variable, dtype=variable.dtype.name,
-                                     trainable=False, name="learning_rate")
-        _keras_compat.use_learning_rate_variable(self, wrapper)
 
     def __setattr__(self, name, value):
         """Checks a hyperparameter assigned after construction as the
@@ -207,7 +182,7 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
             return
         var_list = list(var_list)
         for variable in var_list:
-            validation.check_variable(variable)
+            call_checks.check_variable(variable)
             self._placement.check_variable(variable)
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
@@ -267,9 +242,9 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
                 f"{[validation.variable_name(v) for v in trainable_variables]}")
         if not grads:
             return
-        validation.check_created_in_strategy_scope(
+        call_checks.check_created_in_strategy_scope(
             [_keras_compat.iterations_variable(self)] + trainable_variables)
-        present, missing = validation.check_pairs(
+        present, missing = call_checks.check_pairs(
             grads, trainable_variables, placement=self._placement,
             is_known=(lambda v: _keras_compat.is_built_variable(self, v))
             if self.built else None,
@@ -286,31 +261,13 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
                 stacklevel=2)
         indices = tuple(_keras_compat.variable_index(self, v)
                         for _, v in present)
-        self._check_accumulation_window(trainable_variables)
+        call_checks.check_accumulation_window(
+            trainable_variables, _keras_compat.built_variables(self),
+            self.gradient_accumulation_steps, self.name)
         gradients = [self._placement.place_gradient(g, v) for g, v in present]
-        counter = validation.check_step_counter(validation.tf_variable(
+        counter = call_checks.check_step_counter(validation.tf_variable(
             _keras_compat.iterations_variable(self)))
         self._run(step.apply_step, gradients, indices, hyper, [counter])
-
-    def _check_accumulation_window(self, variables):
-        """With gradient accumulation, every call must pass every variable
-        the optimizer was built with (gradients may be `None`): the window
-        is shared, and a call for another model's variables would reset
-        this one's accumulators (one optimizer per model)."""
-        built = _keras_compat.built_variables(self)
-        if not self.gradient_accumulation_steps or len(variables) == len(
-                built):
-            return
-        passed = {id(validation.tf_variable(v)) for v in variables}
-        left_out = [validation.variable_name(v) for v in built
-                    if id(validation.tf_variable(v)) not in passed]
-        raise ValueError(
-            f"Optimizer {self.name!r} accumulates gradients over "
-            f"{self.gradient_accumulation_steps} calls for all "
-            f"{len(built)} variables it was built with, but this call "
-            f"leaves out {left_out[:5]}{'...' if len(left_out) > 5 else ''}. "
-            "Pass every variable (with a `None` gradient where there is "
-            "none), or use one optimizer per model.")
 
     def _build_in_cross_replica_context(self, variables):
         """Builds on first use, also from a replica context inside a
@@ -349,15 +306,15 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         >>> w.numpy().round(4).tolist()
         [0.5]
         """
-        validation.check_variable(variable)
+        call_checks.check_variable(variable)
         if not self.built or not _keras_compat.is_built_variable(
                 self, variable):
             raise ValueError(
                 f"Unknown variable {validation.variable_name(variable)!r}: "
                 f"optimizer {self.name!r} was not built with it; call "
                 "`optimizer.build(variables)` first.")
-        validation.check_gradient(gradient, variable)
-        gradient = validation.check_sparse_indices(gradient, variable)
+        call_checks.check_gradient(gradient, variable)
+        gradient = call_checks.check_sparse_indices(gradient, variable)
         index = _keras_compat.variable_index(self, variable)
         self._run(step.update_one,
                   [self._placement.place_gradient(gradient, variable)],
@@ -393,29 +350,6 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
 
     # ------------------------------------------------------------------
     # Hyperparameters and configuration.
-
-    @property
-    def learning_rate(self):
-        """The learning rate of the current step (a schedule is evaluated).
-
-        Setting it checks the value as the constructor does.
-        """
-        return _keras_compat.current_learning_rate(self)
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        value = hyperparams.check("learning_rate", value)
-        exact = self._exact_learning_rate.value
-        if isinstance(value, tf.Variable):
-            self._placement.check_variable(value)
-            self._use_learning_rate_variable(value)
-            self._exact_learning_rate = _Hidden(None)
-            return
-        keras.optimizers.Optimizer.learning_rate.fset(self, value)
-        if exact is not None and hyperparams.is_number(value):
-            self._placement.assign(exact, value)
-        elif exact is not None:  # A schedule or callable from now on.
-            self._exact_learning_rate = _Hidden(None)
 
     def get_config(self):
         """Returns the constructor arguments as a serializable dict.

@@ -88,6 +88,9 @@ def compute():
 
 if __name__ == "__main__":
     arrays = compute()
+    # XLA's code generation differs between TensorFlow releases (by up to
+    # ~1e-8 relative): the bits are TensorFlow's version's.
+    arrays["tensorflow_version"] = np.array(tf.__version__)
     os.makedirs(os.path.dirname(PATH), exist_ok=True)
     np.savez_compressed(PATH, **arrays)
     print(f"wrote {len(arrays)} arrays to {PATH}", file=sys.stderr)

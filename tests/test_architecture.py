@@ -27,9 +27,9 @@ ALL = sorted(PACKAGE.rglob("*.py"))
 # a lower layer (or its own layer where listed together below it).
 LAYERS = [
     {"adam_math", "_keras_compat", "validation"},
-    {"hyperparams", "step", "placement"},
+    {"hyperparams", "step", "placement", "call_checks"},
     {"execution", "slots", "state_io", "keras2_api", "step_inputs",
-     "weight_decay"},
+     "weight_decay", "learning_rate"},
     {"optimizers"},
     {"dtensor"},
     {"callbacks", "demo"},
@@ -158,3 +158,13 @@ def test_dtensor_config_is_json_and_round_trips():
     core = keras_adamw.AdamW(mesh=mesh)
     assert keras_adamw.AdamW.from_config(
         json.loads(json.dumps(core.get_config()))).mesh == mesh
+
+
+def test_setup_cfg_declares_the_supported_keras_that_ci_tests():
+    text = (PACKAGE.parent / "setup.cfg").read_text()
+    assert f"keras>={_keras_compat.SUPPORTED_KERAS[0].rsplit('.0', 1)[0]}" \
+        in text
+    assert _keras_compat.CHECKED_KERAS_VERSIONS[0] == (
+        _keras_compat.SUPPORTED_KERAS[0])
+    ci = (PACKAGE.parent / ".ci" / "run").read_text()
+    assert "keras>=" in ci and "min_keras" in ci
