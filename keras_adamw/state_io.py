@@ -9,6 +9,7 @@ loaded. Every entry is checked before any is written.
 import warnings
 
 import numpy as np
+import tensorflow as tf
 
 from keras_adamw import validation
 
@@ -25,8 +26,9 @@ class StateIO:
             weights: Arrays in the order of `optimizer.variables`.
 
         Raises:
-            ValueError: If unbuilt, or the count or a shape differs. Nothing
-                is assigned then.
+            ValueError: If unbuilt, or the count, a shape or a kind of dtype
+                differs, or a scalar (step counter, learning rate) is not
+                finite. Nothing is assigned then.
 
         Example:
 
@@ -43,13 +45,7 @@ class StateIO:
             raise ValueError(
                 f"Optimizer {self.name!r} has {len(self.variables)} variables "
                 f"but `set_weights` received {len(weights)} arrays.")
-        for variable, weight in zip(self.variables, weights):
-            if tuple(variable.shape) != tuple(np.shape(weight)):
-                raise ValueError(
-                    "Optimizer variable "
-                    f"{validation.variable_name(variable)!r} has shape "
-                    f"{tuple(variable.shape)} but the array for it has shape "
-                    f"{tuple(np.shape(weight))}.")
+        check_entries(self.variables, weights, "the array")
         for variable, weight in zip(self.variables, weights):
             self._placement.assign(variable, weight)
 
@@ -73,7 +69,8 @@ class StateIO:
     def load_own_variables(self, store):
         """Loads what `save_own_variables` wrote. A count mismatch warns and
         loads nothing, as in Keras (an unbuilt optimizer has only two
-        variables).
+        variables); every entry is checked (see `check_entries`) before any
+        is assigned.
 
         Overrides Keras to keep each variable's layout on a mesh.
 
@@ -91,5 +88,46 @@ class StateIO:
                 f"{len(store.keys())}.",
                 stacklevel=2)
             return
-        for i, variable in enumerate(self.variables):
-            self._placement.assign(variable, store[str(i)])
+        values = [store[str(i)] for i in range(len(self.variables))]
+        check_entries(self.variables, values, "the saved value")
+        for variable, value in zip(self.variables, values):
+            self._placement.assign(variable, value)
+
+
+def check_entries(variables, values, what):
+    """Checks values about to be assigned to the optimizer's `variables`,
+    all before any is assigned: the same shape, a floating value for a
+    floating variable and an integer one for the step counter, and finite
+    scalars.
+
+    Raises:
+        ValueError: Naming the variable and what is wrong.
+
+    Example:
+
+    >>> check_entries([tf.Variable(0.1, name="learning_rate")],
+    ...               [np.float32("nan")], "the array")
+    Traceback (most recent call last):
+    ...
+    ValueError: Optimizer variable 'learning_rate:0' would get a non-finite value (nan) from the array.
+    """
+    for variable, value in zip(variables, values):
+        value = np.asarray(value)
+        name = validation.variable_name(variable)
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(
+                f"Optimizer variable {name!r} has shape "
+                f"{tuple(variable.shape)} but {what} for it has shape "
+                f"{value.shape}.")
+        # Numbers only; no fraction for the integer step counter ("V" is
+        # ml_dtypes' bfloat16).
+        accepted = "fiuV" if tf.as_dtype(variable.dtype).is_floating else "iu"
+        if value.dtype.kind not in accepted:
+            raise ValueError(
+                f"Optimizer variable {name!r} has dtype {variable.dtype} but "
+                f"{what} for it has dtype {value.dtype}.")
+        if value.ndim == 0 and value.dtype.kind == "f" and not np.isfinite(
+                value.astype(np.float64)):
+            raise ValueError(
+                f"Optimizer variable {name!r} would get a non-finite value "
+                f"({value}) from {what}.")

@@ -233,3 +233,30 @@ def test_the_step_counter_cannot_wrap():
 
 
 del ml_dtypes
+
+
+# 4. Restoring state: every entry is checked before any is written.
+@pytest.mark.parametrize("how", ["set_weights", "load_own_variables"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "nan_rate", "string"])
+def test_restoring_checks_every_entry_before_writing_any(how, bad):
+    w = keras.Variable([1.0, 2.0])
+    optimizer = keras_adamw.AdamW(amsgrad=True)
+    optimizer.apply([tf.ones([2])], [w])
+    before = snapshot(optimizer, [w])
+    values = [np.array(v.numpy()) + 1 for v in optimizer.variables]
+    # The bad entry is the last one (or the rate, which comes second).
+    if bad == "shape":
+        values[-1] = np.zeros(3, np.float32)
+    elif bad == "dtype":
+        values[0] = np.float32(3.5)  # A fraction for the step counter.
+    elif bad == "nan_rate":
+        values[1] = np.float32("nan")
+    else:
+        values[-1] = np.array(["x", "y"])
+    with pytest.raises(ValueError, match="Optimizer variable"):
+        if how == "set_weights":
+            optimizer.set_weights(values)
+        else:
+            optimizer.load_own_variables(
+                {str(i): v for i, v in enumerate(values)})
+    assert_unchanged(before, optimizer, [w])
