@@ -338,7 +338,11 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         if self.use_ema and self.built:
             indices = tuple(_keras_compat.variable_index(self, v)
                             for v in var_list)
-            self._run(step.copy_averages, [], indices, {})
+            # A copy: nothing for XLA to fuse, and an eager XLA call cannot
+            # reach a strategy's other replicas from the caller's device.
+            self._programs.value.run(
+                step.copy_averages, False, [], indices, self._state(), {},
+                self._step_config())
 
     def _run(self, function, gradients, indices, hyper, guards=()):
         """Runs a step function on the optimizer's state (see

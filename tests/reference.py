@@ -16,6 +16,14 @@ class NumpyAdam:
     `learning_rate` may be a float or a function of the raw step counter
     (the number of `step` calls before this one), as Keras' schedules are.
     `beta_1`/`beta_2` may be zero-argument callables.
+
+    `dtype` (a NumPy dtype such as `np.float16` or `ml_dtypes.bfloat16`)
+    models variables stored in that dtype: the initial weights are rounded
+    to it, and every weight and optimizer variable is rounded each time a
+    step stores it; within a step the arithmetic is float64 on the stored
+    values (a new moment is used unrounded, as it is computed, and rounded
+    only where it is stored). Gradients are taken as given (the caller
+    passes values the dtype holds, or their exact sum).
     """
 
     def __init__(self, weights, learning_rate=1e-3, beta_1=0.9, beta_2=0.999,
@@ -23,8 +31,11 @@ class NumpyAdam:
                  clipnorm=None, clipvalue=None, global_clipnorm=None,
                  use_ema=False, ema_momentum=0.99,
                  ema_overwrite_frequency=None, loss_scale_factor=None,
-                 gradient_accumulation_steps=None, decay_mask=None):
-        self.weights = [np.array(w, dtype=np.float64) for w in weights]
+                 gradient_accumulation_steps=None, decay_mask=None,
+                 dtype=None):
+        self.dtype = dtype
+        self.weights = [self._store(np.array(w, dtype=np.float64))
+                        for w in weights]
         self.momentums = [np.zeros_like(w) for w in self.weights]
         self.velocities = [np.zeros_like(w) for w in self.weights]
         self.velocity_hats = [np.zeros_like(w) for w in self.weights]
@@ -43,6 +54,12 @@ class NumpyAdam:
         self.decay_mask = decay_mask or [True] * len(self.weights)
         self.calls = 0  # Keras' raw `_iterations`.
         self.real_steps = 0  # Keras' `iterations`.
+
+    def _store(self, x):
+        """`x` as a variable of `dtype` holds it (float64 without one)."""
+        if self.dtype is None:
+            return x
+        return np.asarray(x, np.float64).astype(self.dtype).astype(np.float64)
 
     @staticmethod
     def _value(x):
@@ -81,7 +98,8 @@ class NumpyAdam:
                                      for a in self.accumulators]
             else:
                 for i in present:
-                    self.accumulators[i] = self.accumulators[i] + grads[i]
+                    self.accumulators[i] = self._store(
+                        self.accumulators[i] + grads[i])
         else:
             self._real_step(present, [grads[i] for i in present])
         self.calls += 1
@@ -96,16 +114,18 @@ class NumpyAdam:
             w = self.weights[i]
             if self.weight_decay is not None and self.decay_mask[i]:
                 w = w - w * self.weight_decay * lr
-            self.momentums[i] = self.momentums[i] + (g - self.momentums[i]) * (1 - b1)
-            self.velocities[i] = self.velocities[i] + (g * g - self.velocities[i]) * (1 - b2)
-            v = self.velocities[i]
+            m = self.momentums[i] + (g - self.momentums[i]) * (1 - b1)
+            v = self.velocities[i] + (g * g - self.velocities[i]) * (1 - b2)
+            self.momentums[i] = self._store(m)
+            self.velocities[i] = self._store(v)
             if self.amsgrad:
-                self.velocity_hats[i] = np.maximum(self.velocity_hats[i], v)
-                v = self.velocity_hats[i]
-            self.weights[i] = w - alpha * self.momentums[i] / (np.sqrt(v) + self.epsilon)
+                v = np.maximum(self.velocity_hats[i], v)
+                self.velocity_hats[i] = self._store(v)
+            self.weights[i] = self._store(
+                w - alpha * m / (np.sqrt(v) + self.epsilon))
         if self.use_ema:
             momentum = self.ema_momentum if self.real_steps > 0 else 0.0
-            self.averages = [momentum * a + (1 - momentum) * w
+            self.averages = [self._store(momentum * a + (1 - momentum) * w)
                              for a, w in zip(self.averages, self.weights)]
             freq = self.ema_overwrite_frequency
             if freq and (self.real_steps + 1) % freq == 0:

@@ -18,7 +18,8 @@ def test_build_lists_every_module():
 
 
 def test_build_lists_every_test_file():
-    tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("*.py")}
+    tests = {str(p.relative_to(ROOT))
+             for p in (ROOT / "tests").rglob("*.py")}
     assert tests - listed_files() == set()
 
 

@@ -1,6 +1,6 @@
 """tf.distribute.MirroredStrategy over 2 and 4 logical CPU devices.
 
-The checks run in subprocesses (tests/mirrored_job.py), one per device
+The checks run in subprocesses (tests/jobs/mirrored_job.py), one per device
 count, since a process can hold MirroredStrategy objects of one size only.
 Every distributed result is compared with an independent counterpart: the
 same training on one device over the same global batches, or the float64
@@ -8,53 +8,27 @@ NumPy reference applied to the cross-replica sum of the gradients.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start_job(devices, full, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"mirrored{devices}") / "results.json"
-    command = [sys.executable, os.path.join(ROOT, "tests", "mirrored_job.py"),
-               f"--devices={devices}", f"--out={out}"]
-    if full:
-        command.append("--full")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=ROOT)
-    return process, out
-
-
-def finish_job(job):
-    process, out = job
-    try:
-        _, stderr = process.communicate(timeout=900)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, stderr[-3000:]
-    return json.loads(out.read_text())
+from tests.jobs.processes import Processes
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     # Both sizes run at once: each process is mostly single-threaded
     # tracing, so two fit on the two cores.
-    started = {2: start_job(2, True, tmp_path_factory),
-               4: start_job(4, False, tmp_path_factory)}
-    try:
-        yield {devices: finish_job(job) for devices, job in started.items()}
-    finally:
-        for process, _ in started.values():
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+    # Each in a folder of its own: the job keeps checkpoints beside --out.
+    outs = {devices: tmp_path_factory.mktemp(f"mirrored{devices}")
+            / "results.json" for devices in (2, 4)}
+    with Processes(tmp_path_factory.mktemp("mirrored_logs")) as processes:
+        for devices, out in outs.items():
+            processes.start(f"mirrored{devices}", "mirrored_job",
+                            f"--devices={devices}", f"--out={out}",
+                            *(["--full"] if devices == 2 else []))
+        processes.finish(["mirrored2", "mirrored4"], timeout=900)
+    return {devices: json.loads(out.read_text())
+            for devices, out in outs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +103,11 @@ def test_checkpoint_moves_between_mirrored_and_one_device(two_devices,
 
 @pytest.fixture(scope="module")
 def parameter_server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ps") / "results.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ps_job.py"),
-         f"--out={out}"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
+    tmp = tmp_path_factory.mktemp("ps")
+    with Processes(tmp) as processes:
+        processes.start("ps", "ps_job", f"--out={tmp / 'results.json'}")
+        processes.finish(["ps"], timeout=300)
+    return json.loads((tmp / "results.json").read_text())
 
 
 def test_parameter_server_trains_without_xla_after_one_warning(

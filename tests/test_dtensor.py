@@ -8,6 +8,7 @@ from tensorflow.experimental import dtensor
 import keras
 import keras_adamw
 from keras_adamw.dtensor import MeshPlacement, state_bytes_per_device
+from tests.jobs import dtensor_client_job as job
 from tests.reference import NumpyAdam, dense_from_sparse
 
 U = dtensor.UNSHARDED
@@ -203,33 +204,26 @@ def test_variables_off_the_mesh_are_rejected():
 
 
 class MLP(tf.Module):
-    """A two-layer MLP whose weights are DVariables (or plain variables)."""
+    """The multi-client job's two-layer MLP, its weights DVariables with the
+    job's layouts (or plain variables)."""
 
     def __init__(self, placement=None):
-        rng = np.random.RandomState(0)
-        values = {"w1": rng.randn(8, 16) * 0.3, "b1": np.zeros(16),
-                  "w2": rng.randn(16, 4) * 0.3, "b2": np.zeros(4)}
-        layouts = {"w1": [U, "model"], "b1": ["model"],
-                   "w2": ["model", U], "b2": [U]}
         if placement is None:
-            self.weights = [tf.Variable(values[k], dtype=tf.float32, name=k)
-                            for k in values]
+            self.weights = [tf.Variable(job.INIT[k], name=k)
+                            for k in job.INIT]
         else:
             self.weights = [placement.make_variable(
-                tf.constant(values[k], tf.float32),
-                dtensor.Layout(layouts[k], MESH), name=k, trainable=True)
-                for k in values]
+                tf.constant(job.INIT[k]), dtensor.Layout(job.LAYOUTS[k], MESH),
+                name=k, trainable=True) for k in job.INIT]
 
     def __call__(self, x):
-        w1, b1, w2, b2 = self.weights
-        return tf.matmul(tf.nn.tanh(tf.matmul(x, w1) + b1), w2) + b2
+        return job.mlp(self.weights, x)
 
 
 def make_data():
-    rng = np.random.RandomState(1)
-    x = rng.randn(8 * 16, 8).astype("float32")
-    y = np.sin(x[:, :4] * 2.0).astype("float32")
-    return x, y
+    """The multi-client job's first 8 global batches, one after another."""
+    x, y = zip(*job.global_batches(8))
+    return np.concatenate(x), np.concatenate(y)
 
 
 def train_mlp(model, optimizer, x, y, to_mesh=None, epochs=3):

@@ -1,5 +1,5 @@
 """keras_adamw.dtensor.AdamW on a multi-client DTensor mesh: two processes
-on localhost, each running tests/dtensor_client_job.py, form one
+on localhost, each running tests/jobs/dtensor_client_job.py, form one
 `[("batch", 2), ("model", 2)]` mesh of 4 CPU devices (2 logical CPUs per
 client; `dtensor.initialize_accelerator_system` with DTENSOR_JOBS,
 DTENSOR_CLIENT_ID, DTENSOR_NUM_CLIENTS, DTENSOR_JOB_NAME) and train an MLP
@@ -25,11 +25,6 @@ is killed and reaped when the fixture ends, whatever happened. Ports are
 fresh free ports on 127.0.0.1.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -37,12 +32,9 @@ import pytest
 
 from tensorflow.experimental import dtensor
 
-from tests.processes import free_ports
+from tests.jobs import dtensor_client_job as job
+from tests.jobs.processes import Processes, free_ports, job_env, load_npz
 
-from tests import dtensor_client_job as job
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-JOB = "tests/dtensor_client_job.py"
 # Seconds for all processes. Each spends about 10 s of CPU importing
 # TensorFlow and Keras and a few seconds training; the whole module takes
 # about 55 s of CPU, 60 s of wall time (plus pytest's own start) on a
@@ -50,29 +42,13 @@ JOB = "tests/dtensor_client_job.py"
 DEADLINE = 150
 STEPS = 4
 NUM_WEIGHTS = 4
-CLUSTER_VARIABLES = ("DTENSOR_JOBS", "DTENSOR_CLIENT_ID",
-                     "DTENSOR_NUM_CLIENTS", "DTENSOR_JOB_NAME", "TF_CONFIG")
-
-
-def base_env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               KERAS_BACKEND="tensorflow")
-    for name in CLUSTER_VARIABLES:
-        env.pop(name, None)
-    return env
 
 
 def client_env(ports, client_id):
-    return dict(base_env(),
-                DTENSOR_JOBS=",".join(f"127.0.0.1:{p}" for p in ports),
-                DTENSOR_CLIENT_ID=str(client_id),
-                DTENSOR_NUM_CLIENTS=str(len(ports)),
-                DTENSOR_JOB_NAME="worker")
-
-
-def log_tail(path):
-    text = pathlib.Path(path).read_text(errors="replace")
-    return f"--- {path.name} (last 3000 characters) ---\n{text[-3000:]}"
+    return job_env(DTENSOR_JOBS=",".join(f"127.0.0.1:{p}" for p in ports),
+                   DTENSOR_CLIENT_ID=str(client_id),
+                   DTENSOR_NUM_CLIENTS=str(len(ports)),
+                   DTENSOR_JOB_NAME="worker")
 
 
 def in_process_references():
@@ -84,65 +60,42 @@ def in_process_references():
             "core": (core_arrays, {"optimizer_paths": core_paths})}
 
 
-def run_everything(tmp):
+def run_everything(processes, tmp):
     """Starts the two clients and the no-combine process, computes the
-    in-process references meanwhile, waits for the processes (stopping
-    early when one fails: its peer would block in a collective), and
-    always kills and reaps what is left. Returns the exit codes, the
-    references and the wall time."""
+    in-process references meanwhile and waits for the processes (stopping
+    early when one fails: its peer would block in a collective). Returns
+    the exit codes, the references and the wall time."""
     ports = free_ports(2)
     envs = {
         "client0": client_env(ports, 0),
         "client1": client_env(ports, 1),
-        "one_client_no_combine": dict(
-            base_env(), DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION="0"),
+        "one_client_no_combine": job_env(
+            DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION="0"),
     }
-    processes = {}
     start = time.monotonic()
-    try:
-        for name, env in envs.items():
-            with open(tmp / f"{name}.log", "w") as log:
-                processes[name] = subprocess.Popen(
-                    [sys.executable, JOB, f"--out={tmp / name}.npz",
-                     f"--steps={STEPS}"],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        references = in_process_references()
-        while time.monotonic() - start < DEADLINE:
-            codes = {n: p.poll() for n, p in processes.items()}
-            if all(c is not None for c in codes.values()):
-                break
-            if any(c not in (None, 0) for c in codes.values()):
-                break
-            time.sleep(0.2)
-        return ({n: p.poll() for n, p in processes.items()}, references,
-                time.monotonic() - start)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+    for name, env in envs.items():
+        processes.start(name, "dtensor_client_job", f"--out={tmp / name}.npz",
+                        f"--steps={STEPS}", env=env)
+    references = in_process_references()
+    codes = processes.wait(list(envs), DEADLINE - (time.monotonic() - start),
+                           stop_on_failure=True)
+    return codes, references, time.monotonic() - start
 
 
 def load(path):
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files if k != "info"}
-        info = json.loads(str(data["info"]))
-    return arrays, info
+    return load_npz(path, "info")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dtensor_multi_client")
-    codes, references, seconds = run_everything(tmp)
-    failed = [n for n, c in codes.items() if c != 0]
-    assert not failed, (
-        f"exit codes {codes} after {seconds:.0f} s (None: still running at "
-        f"the deadline of {DEADLINE} s or stopped because another failed)\n"
-        + "\n".join(log_tail(tmp / f"{n}.log") for n in failed))
+    with Processes(tmp) as processes:
+        codes, references, seconds = run_everything(processes, tmp)
+        failed = [n for n, c in codes.items() if c != 0]
+        assert not failed, (
+            f"exit codes {codes} after {seconds:.0f} s (None: still running "
+            f"at the deadline of {DEADLINE} s or stopped because another "
+            "failed)\n" + "\n".join(processes.log(n) for n in failed))
     results = {n: load(tmp / f"{n}.npz") for n in codes}
     results.update(references)
     times = {n: results[n][1]["times"] for n in codes}

@@ -1,5 +1,5 @@
 """keras_adamw under MultiWorkerMirroredStrategy: two worker processes on
-localhost, each running tests/multi_worker_job.py.
+localhost, each running tests/jobs/multi_worker_job.py.
 
 - Two workers end with the same weights and optimizer variables as each
   other and as one process (default strategy) trained on the same global
@@ -36,19 +36,13 @@ What Keras 3.15.1's BackupAndRestore does under MultiWorkerMirroredStrategy
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.processes import free_ports
+from tests.jobs.processes import Processes, free_ports, job_env, load_npz
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-JOB = "tests/multi_worker_job.py"
+JOB = "multi_worker_job"
 DEADLINE = 240  # Seconds for one group of processes to finish.
 SURVIVOR_GRACE = 60  # Seconds the survivor gets to fail on its own.
 STEPS_PER_EPOCH = 4  # multi_worker_job.EXAMPLES // GLOBAL_BATCH
@@ -65,76 +59,16 @@ def tf_config(ports, index):
             "task": {"type": "worker", "index": index}}
 
 
-class Processes:
-    """Starts job processes; on exit kills and reaps any still running."""
-
-    def __init__(self, log_dir):
-        self.log_dir = pathlib.Path(log_dir)
-        self.started = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        for process in self.started.values():
-            if process.poll() is None:
-                process.kill()
-        for process in self.started.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def start(self, name, *flags, config=None):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   KERAS_BACKEND="tensorflow")
-        env.pop("TF_CONFIG", None)
-        if config is not None:
-            env["TF_CONFIG"] = json.dumps(config)
-        with open(self.log_dir / f"{name}.log", "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, JOB, *flags], cwd=ROOT, env=env,
-                stdout=log, stderr=subprocess.STDOUT)
-        self.started[name] = process
-        return process
-
-    def log(self, name):
-        text = (self.log_dir / f"{name}.log").read_text(errors="replace")
-        return f"--- {name} (last 3000 characters of its log) ---\n" + (
-            text[-3000:])
-
-    def wait(self, names, timeout, stop_on_failure=False):
-        """Waits until the processes `names` exit (or, with
-        `stop_on_failure`, until one fails: a worker's peer cannot finish
-        without it); returns their exit codes, None for one still running
-        after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            codes = [self.started[n].poll() for n in names]
-            if all(code is not None for code in codes):
-                break
-            if stop_on_failure and any(code not in (None, 0)
-                                       for code in codes):
-                break
-            time.sleep(0.2)
-        return {n: self.started[n].poll() for n in names}
-
-    def finish(self, names, timeout=DEADLINE):
-        """Waits for `names` and asserts they all exited with 0."""
-        codes = self.wait(names, timeout, stop_on_failure=True)
-        failed = [n for n in names if codes[n] != 0]
-        assert not failed, (
-            f"exit codes {codes} (None: still running after {timeout} s "
-            "or when another failed)\n"
-            + "\n".join(self.log(n) for n in failed))
+def start(processes, name, *flags, config=None):
+    """Starts a job process, a worker of the cluster `config` if given."""
+    env = job_env(**({} if config is None
+                     else {"TF_CONFIG": json.dumps(config)}))
+    return processes.start(name, JOB, *flags, env=env)
 
 
 def load(path):
     """The arrays an .npz from the job holds, and its events."""
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files if k != "events"}
-        events = json.loads(str(data["events"]))
-    return arrays, events
+    return load_npz(path, "events")
 
 
 def assert_same_state(actual, expected, atol, what):
@@ -172,14 +106,14 @@ def uninterrupted(tmp_path_factory):
     ports = free_ports(2)
     with Processes(tmp) as processes:
         for index in range(2):
-            processes.start(
-                f"worker{index}", "--multi_worker",
+            start(
+                processes, f"worker{index}", "--multi_worker",
                 f"--out={tmp / f'worker{index}.npz'}",
                 f"--backup_dir={tmp / f'backup{index}'}",
                 config=tf_config(ports, index))
-        processes.start("single", f"--out={tmp / 'single.npz'}",
-                        f"--backup_dir={tmp / 'backup_single'}")
-        processes.finish(["worker0", "worker1", "single"])
+        start(processes, "single", f"--out={tmp / 'single.npz'}",
+              f"--backup_dir={tmp / 'backup_single'}")
+        processes.finish(["worker0", "worker1", "single"], DEADLINE)
     return {name: load(tmp / f"{name}.npz")
             for name in ("worker0", "worker1", "single")}
 
@@ -231,8 +165,8 @@ def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
         # Attempt 1: worker 0 dies after step CRASH_AT_STEP.
         ports = free_ports(2)
         for index in range(2):
-            processes.start(f"attempt1_worker{index}", *flags(index, 1),
-                            config=tf_config(ports, index))
+            start(processes, f"attempt1_worker{index}", *flags(index, 1),
+                  config=tf_config(ports, index))
         codes = processes.wait(["attempt1_worker0"], DEADLINE)
         assert codes["attempt1_worker0"] == 1 and marker.exists(), (
             f"worker 0 should have died at step {CRASH_AT_STEP}: {codes}\n"
@@ -256,9 +190,9 @@ def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
         # Attempt 2: both workers again, same flags, fresh ports.
         ports = free_ports(2)
         for index in range(2):
-            processes.start(f"attempt2_worker{index}", *flags(index, 2),
-                            config=tf_config(ports, index))
-        processes.finish(["attempt2_worker0", "attempt2_worker1"])
+            start(processes, f"attempt2_worker{index}", *flags(index, 2),
+                  config=tf_config(ports, index))
+        processes.finish(["attempt2_worker0", "attempt2_worker1"], DEADLINE)
 
     resumed = [load(tmp_path / f"attempt2_worker{i}.npz") for i in range(2)]
     for run in resumed:

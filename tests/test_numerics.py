@@ -5,7 +5,6 @@ scalar) with gradients whose size varies from step to step.
 """
 
 import keras
-import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -147,24 +146,15 @@ def test_float32_equals_keras(class_name, config, jit_compile):
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])
-def test_indexed_slices_without_duplicates_equal_keras_and_dense(jit_compile):
+def test_indexed_slices_without_duplicates_equal_keras_and_dense(
+        jit_compile, train_table):
     rng = np.random.RandomState(2)
     init = rng.randn(6, 3)
     steps = [([0, 2, 5], rng.randn(3, 3)), ([1, 2, 4], rng.randn(3, 3)),
              ([5, 0, 3], rng.randn(3, 3))] * 4
 
     def train(optimizer, sparse):
-        table = keras.Variable(init, dtype="float32", name="table")
-        for indices, values in steps:
-            if sparse:
-                grad = tf.IndexedSlices(
-                    tf.constant(values, tf.float32), tf.constant(indices),
-                    tf.constant([6, 3]))
-            else:
-                grad = tf.constant(dense_from_sparse(indices, values, 6),
-                                   tf.float32)
-            optimizer.apply([grad], [table])
-        return table.numpy()
+        return train_table(optimizer, steps, sparse=sparse, init=init)
 
     ours = train(keras_adamw.AdamW(jit_compile=jit_compile), sparse=True)
     np.testing.assert_array_equal(

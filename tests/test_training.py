@@ -1,22 +1,22 @@
 """End-to-end tests of keras_adamw in training: fit, configs, custom loops and
 checkpoints.
 
-Expected numbers come from an independent float64 NumPy AdamW written here,
-from constants chosen in the test, or from a second run of the same training
-(interrupted vs. uninterrupted); never from the code under test alone.
+Expected numbers come from the independent float64 NumPy AdamW
+(tests/reference.py), from constants chosen in the test, or from a second run
+of the same training (interrupted vs. uninterrupted); never from the code
+under test alone.
 """
 
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import keras_adamw  # noqa: E402
+import keras_adamw
+from tests.reference import NumpyAdam
 
 # ---------------------------------------------------------------------------
 # Helpers.
@@ -63,24 +63,6 @@ def _max_abs_diff(a_list, b_list):
     return max(float(np.max(np.abs(a - b))) for a, b in zip(a_list, b_list))
 
 
-def numpy_adamw(params, grad_fn, steps, lr=LR, wd=WD, b1=BETA_1, b2=BETA_2,
-                eps=EPS, first_iteration=0):
-    """Independent float64 AdamW (Keras 3 formula, decoupled weight decay)."""
-    params = [np.array(p, dtype=np.float64) for p in params]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-    for it in range(first_iteration, first_iteration + steps):
-        grads = grad_fn(params)
-        t = it + 1
-        alpha = lr * np.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        for i, g in enumerate(grads):
-            params[i] = params[i] - params[i] * wd * lr
-            m[i] = m[i] + (g - m[i]) * (1.0 - b1)
-            v[i] = v[i] + (g * g - v[i]) * (1.0 - b2)
-            params[i] = params[i] - alpha * m[i] / (np.sqrt(v[i]) + eps)
-    return params
-
-
 # A float64 linear least-squares problem with an analytic gradient, so the
 # NumPy reference does not depend on TensorFlow at all.
 _RNG = np.random.default_rng(1)
@@ -112,7 +94,12 @@ def _fresh_vars():
 
 
 def _reference(steps):
-    return numpy_adamw([_W0, _B0], _np_grads, steps)
+    """The float64 reference's weights after `steps` steps on the problem."""
+    ref = NumpyAdam([_W0, _B0], learning_rate=LR, beta_1=BETA_1,
+                    beta_2=BETA_2, epsilon=EPS, weight_decay=WD)
+    for _ in range(steps):
+        ref.step(_np_grads(ref.weights))
+    return ref.weights
 
 
 def _assert_matches_reference(variables, steps):

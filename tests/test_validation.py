@@ -1,18 +1,15 @@
 """Bad input gets a clear ValueError/TypeError naming the argument (or
 variable) and the value received, and leaves every state untouched."""
 
-import os
 import re
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import keras_adamw  # noqa: E402
+import keras_adamw
 
 BOTH = pytest.mark.parametrize(
     "cls", [keras_adamw.Adam, keras_adamw.AdamW], ids=["Adam", "AdamW"]

@@ -1,6 +1,6 @@
 """One DTensor client for tests/test_dtensor_multi_client.py.
 
-    python tests/dtensor_client_job.py --out=FILE.npz [--steps=N]
+    python -m tests.jobs.dtensor_client_job --out=FILE.npz [--steps=N]
         [--feed=pack|copy]
 
 With `DTENSOR_JOBS` (comma-separated host:port, one per client),
@@ -34,12 +34,11 @@ The process writes to `--out`:
 import argparse
 import json
 import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import environment
+
+environment.set_defaults()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -221,10 +220,7 @@ def main():
     # DTENSOR_JOBS port, enables collective ops with task 0 as collective
     # leader, and connects to the coordination service (hosted by task 0),
     # so that one mesh can span both processes.
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()]
-        * (GLOBAL_DEVICES // num_clients))
+    environment.use_logical_cpus(GLOBAL_DEVICES // num_clients)
     dtensor.initialize_accelerator_system("CPU")
     times["initialized"] = time.monotonic() - start
     mesh = dtensor.create_distributed_mesh(MESH_DIMS, device_type="CPU")

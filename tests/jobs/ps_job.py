@@ -1,6 +1,6 @@
 """ParameterServerStrategy with an in-process cluster, in a process of its own.
 
-    python tests/ps_job.py --out=results.json
+    python -m tests.jobs.ps_job --out=results.json
 
 Two workers and one parameter server run as in-process servers on free
 localhost ports (the TensorFlow tutorial's setup). Writes what
@@ -11,16 +11,15 @@ cannot train under this strategy at all.
 
 import argparse
 import json
-import os
-import sys
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import environment
+
+environment.set_defaults()
 
 import tensorflow as tf  # noqa: E402
 
-from tests.processes import free_ports  # noqa: E402
+from tests.jobs.processes import free_ports  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

@@ -2,9 +2,9 @@
 
 A process can hold MirroredStrategy objects of only one size (collective ops
 keep their group keys), so tests/test_distribute.py runs this script once per
-device count:
+device count, from the repository root:
 
-    python tests/mirrored_job.py --devices=2 --out=results.json
+    python -m tests.jobs.mirrored_job --devices=2 --out=results.json
 
 It writes, per case, the largest difference between the distributed run and
 its independent counterpart (a one-device run on the same global batches, or
@@ -14,10 +14,10 @@ the float64 NumPy reference), plus counts the tests check.
 import argparse
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import environment
+
+environment.set_defaults()
 
 import tensorflow as tf  # noqa: E402
 
@@ -28,14 +28,13 @@ parser.add_argument("--full", action="store_true",
                     help="Every case; otherwise a subset for a second size.")
 ARGS = parser.parse_args()
 
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration()] * ARGS.devices)
+environment.use_logical_cpus(ARGS.devices)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_adamw  # noqa: E402
+from keras_adamw import step  # noqa: E402
 from tests.reference import NumpyAdam  # noqa: E402
 
 STRATEGY = tf.distribute.MirroredStrategy(
@@ -156,7 +155,7 @@ for name, config in FIT_CONFIGS.items():
     RESULTS[f"fit/{name}"] = {
         "max_difference": max_difference(distributed, single),
         "iterations": int(np.asarray(copies(optimizer.iterations)[0])),
-        "xla_traces": optimizer._xla_program.function
+        "xla_traces": optimizer._programs.value.compiled(step.apply_step)
         .experimental_get_tracing_count(),
     }
 for name, config in LOOP_CONFIGS.items():
@@ -164,7 +163,7 @@ for name, config in LOOP_CONFIGS.items():
     single, _ = custom_loop(ONE_DEVICE, config)
     RESULTS[f"custom_loop/{name}"] = {
         "max_difference": max_difference(distributed, single),
-        "xla_traces": optimizer._xla_program.function
+        "xla_traces": optimizer._programs.value.compiled(step.apply_step)
         .experimental_get_tracing_count(),
     }
 

@@ -1,6 +1,6 @@
 """One training process for tests/test_multi_worker.py.
 
-    python tests/multi_worker_job.py --out=DIR/name.npz [--multi_worker]
+    python -m tests.jobs.multi_worker_job --out=DIR/name.npz [--multi_worker]
         [--backup_dir=DIR] [--crash_at_step=N --marker=FILE]
 
 Trains a tiny Keras model with
@@ -28,11 +28,10 @@ so a restarted process with the same flags trains to the end.
 import argparse
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import environment
+
+environment.set_defaults()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
