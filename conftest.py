@@ -33,8 +33,10 @@ def _doctest_names(doctest_namespace):
 
         import keras_adamw
 
-        _NAMES.update(np=np, tf=tf, keras=keras, keras_adamw=keras_adamw,
-                      dtensor=dtensor)
+        _NAMES.update(
+            np=np, tf=tf, keras=keras, keras_adamw=keras_adamw, dtensor=dtensor
+        )
         _NAMES["mesh"] = dtensor.create_mesh(
-            [("batch", 2), ("model", 2)], device_type="CPU")
+            [("batch", 2), ("model", 2)], device_type="CPU"
+        )
     doctest_namespace.update(_NAMES)

@@ -47,9 +47,11 @@ def version(module_name):
     try:
         from importlib import metadata
 
-        distribution = {"tf_keras": "tf_keras", "keras_adamw": "keras_adamw",
-                        "tensorflow": "tensorflow"}.get(module_name,
-                                                        module_name)
+        distribution = {
+            "tf_keras": "tf_keras",
+            "keras_adamw": "keras_adamw",
+            "tensorflow": "tensorflow",
+        }.get(module_name, module_name)
         return metadata.version(distribution)
     except Exception:  # noqa: BLE001 - fall back to the module attribute.
         module = importlib.import_module(module_name)
@@ -64,16 +66,26 @@ def header(title, modules):
     except AttributeError:
         usable = cores
     versions = ", ".join(f"{m} {version(m)}" for m in modules)
-    environment = ", ".join(
-        f"{k}={os.environ[k]}" for k in (
-            "TF_XLA_FLAGS", "XLA_FLAGS", "OMP_NUM_THREADS",
-            "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
-            "CUDA_VISIBLE_DEVICES")
-        if k in os.environ) or "none of TF_XLA_FLAGS/XLA_FLAGS/OMP_NUM_THREADS set"
+    environment = (
+        ", ".join(
+            f"{k}={os.environ[k]}"
+            for k in (
+                "TF_XLA_FLAGS",
+                "XLA_FLAGS",
+                "OMP_NUM_THREADS",
+                "TF_NUM_INTRAOP_THREADS",
+                "TF_NUM_INTEROP_THREADS",
+                "CUDA_VISIBLE_DEVICES",
+            )
+            if k in os.environ
+        )
+        or "none of TF_XLA_FLAGS/XLA_FLAGS/OMP_NUM_THREADS set"
+    )
     return [
         f"# {title}",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "- date: "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- machine: {platform.platform()}; CPU: {cpu_model()}; "
         f"{cores} logical cores ({usable} usable); "
         f"{memory_gib():.1f} GiB RAM",
@@ -153,14 +165,19 @@ def warm_up(step, warmup):
     return first_call, last
 
 
-def steps_for(last, steps_per_repeat, min_repeat_seconds,
-              max_steps_per_repeat=200):
+def steps_for(
+    last, steps_per_repeat, min_repeat_seconds, max_steps_per_repeat=200
+):
     """Steps per sample: `steps_per_repeat`, or if 0 enough for a sample of
     `min_repeat_seconds` given a step of `last` seconds."""
     if steps_per_repeat > 0:
         return steps_per_repeat
-    return max(1, min(max_steps_per_repeat,
-                      int(min_repeat_seconds / max(last, 1e-9)) + 1))
+    return max(
+        1,
+        min(
+            max_steps_per_repeat, int(min_repeat_seconds / max(last, 1e-9)) + 1
+        ),
+    )
 
 
 def sample(step, steps):
@@ -189,8 +206,9 @@ def _busy_jiffies():
 
 def _own_cpu_seconds():
     times = os.times()
-    return (times.user + times.system + times.children_user
-            + times.children_system)
+    return (
+        times.user + times.system + times.children_user + times.children_system
+    )
 
 
 class OtherLoad:
@@ -226,8 +244,10 @@ def wait_until_idle(max_seconds, threshold=0.2, window=3.0):
         used = load.stop()
         if used < threshold or time.monotonic() >= deadline:
             return used
-        log(f"waiting for an idle machine: other processes use "
-            f"{used:.2f} cores")
+        log(
+            f"waiting for an idle machine: other processes use "
+            f"{used:.2f} cores"
+        )
 
 
 def git_description(path):
@@ -236,15 +256,19 @@ def git_description(path):
     try:
         commit = subprocess.run(
             ["git", "-C", path, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True).stdout.strip()
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", path, "status", "--porcelain", "--",
-             "keras_adamw"], capture_output=True, text=True,
-            check=True).stdout.strip()
+            ["git", "-C", path, "status", "--porcelain", "--", "keras_adamw"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return commit + (" + uncommitted changes in keras_adamw/" if dirty
-                     else "")
+    return commit + (" + uncommitted changes in keras_adamw/" if dirty else "")
 
 
 def define_shared_flags():
@@ -253,14 +277,19 @@ def define_shared_flags():
     --child_output. A script that calls this adopts them with
     `flags.adopt_module_key_flags(common)`, so that its --help lists
     them."""
-    flags.DEFINE_integer("seed", 0, "Seed of the data and the initial "
-                         "weights.")
+    flags.DEFINE_integer(
+        "seed", 0, "Seed of the data and the initial weights."
+    )
     flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
     flags.DEFINE_float("weight_decay", 0.004, "AdamW weight decay.")
-    flags.DEFINE_integer("wait_idle", 0,
-                         "Wait up to this many seconds for other processes "
-                         "to leave the CPUs idle (< 0.2 cores busy) before "
-                         "each child process starts.", lower_bound=0)
+    flags.DEFINE_integer(
+        "wait_idle",
+        0,
+        "Wait up to this many seconds for other processes "
+        "to leave the CPUs idle (< 0.2 cores busy) before "
+        "each child process starts.",
+        lower_bound=0,
+    )
     flags.DEFINE_string("child_output", None, "Internal: JSON output path.")
 
 
@@ -273,8 +302,12 @@ def run_child(script, arguments, forwarded):
     """
     with tempfile.TemporaryDirectory() as tmp:
         output = os.path.join(tmp, "result.json")
-        argv = [sys.executable, os.path.abspath(script), *arguments,
-                f"--child_output={output}"]
+        argv = [
+            sys.executable,
+            os.path.abspath(script),
+            *arguments,
+            f"--child_output={output}",
+        ]
         for name in forwarded:
             value = flags.FLAGS[name].value
             if isinstance(value, list):

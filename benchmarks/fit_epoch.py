@@ -27,22 +27,32 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import common  # noqa: E402
-
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["single", "mirrored"],
-                  "single: one CPU device. mirrored: MirroredStrategy over 2 "
-                  "logical CPU devices (the 2 cores are split in two).")
-flags.DEFINE_list("optimizers", ["keras_adamw", "keras"],
-                  "keras_adamw: keras_adamw.AdamW(); keras: "
-                  "keras.optimizers.AdamW().")
-flags.DEFINE_integer("epochs", 4, "Epochs per run; the first (tracing and "
-                     "compilation) is reported separately.", lower_bound=2)
-flags.DEFINE_integer("examples", 768, "Synthetic sequences per epoch.",
-                     lower_bound=1)
+flags.DEFINE_list(
+    "configs",
+    ["single", "mirrored"],
+    "single: one CPU device. mirrored: MirroredStrategy over 2 "
+    "logical CPU devices (the 2 cores are split in two).",
+)
+flags.DEFINE_list(
+    "optimizers",
+    ["keras_adamw", "keras"],
+    "keras_adamw: keras_adamw.AdamW(); keras: keras.optimizers.AdamW().",
+)
+flags.DEFINE_integer(
+    "epochs",
+    4,
+    "Epochs per run; the first (tracing and "
+    "compilation) is reported separately.",
+    lower_bound=2,
+)
+flags.DEFINE_integer(
+    "examples", 768, "Synthetic sequences per epoch.", lower_bound=1
+)
 flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
 flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.", lower_bound=2)
 flags.DEFINE_integer("vocab", 4000, "Vocabulary size.", lower_bound=2)
@@ -56,9 +66,20 @@ common.define_shared_flags()
 flags.adopt_module_key_flags(common)
 
 # What a child process gets from the parent, besides its run.
-CHILD_FLAGS = ("epochs", "examples", "batch_size", "seq_len", "vocab",
-               "d_model", "heads", "ff", "blocks", "learning_rate",
-               "weight_decay", "seed")
+CHILD_FLAGS = (
+    "epochs",
+    "examples",
+    "batch_size",
+    "seq_len",
+    "vocab",
+    "d_model",
+    "heads",
+    "ff",
+    "blocks",
+    "learning_rate",
+    "weight_decay",
+    "seed",
+)
 
 OPTIMIZER_LABELS = {
     "keras_adamw": "keras_adamw.AdamW",
@@ -104,8 +125,8 @@ def make_model():
     for _ in range(FLAGS.blocks):
         h = keras.layers.LayerNormalization()(x)
         h = keras.layers.MultiHeadAttention(
-            FLAGS.heads, FLAGS.d_model // FLAGS.heads)(
-                h, h, use_causal_mask=True)
+            FLAGS.heads, FLAGS.d_model // FLAGS.heads
+        )(h, h, use_causal_mask=True)
         x = x + h
         h = keras.layers.LayerNormalization()(x)
         h = keras.layers.Dense(FLAGS.ff, activation="gelu")(h)
@@ -118,8 +139,9 @@ def make_model():
 def make_optimizer(name):
     import keras
 
-    kwargs = dict(learning_rate=FLAGS.learning_rate,
-                  weight_decay=FLAGS.weight_decay)
+    kwargs = dict(
+        learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay
+    )
     if name == "keras_adamw":
         import keras_adamw
 
@@ -135,13 +157,15 @@ def child(config, optimizer_name, output):
         # Before anything else touches the devices.
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+        )
     import keras
 
     x, y = make_data()
     if config == "mirrored":
         strategy = tf.distribute.MirroredStrategy(
-            [d.name for d in tf.config.list_logical_devices("CPU")][:2])
+            [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+        )
     else:
         strategy = tf.distribute.get_strategy()
     result = {"replicas": strategy.num_replicas_in_sync}
@@ -152,9 +176,12 @@ def child(config, optimizer_name, output):
             model.compile(
                 optimizer=optimizer,
                 loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
-        result["parameters"] = int(sum(
-            int(tf.size(v)) for v in model.trainable_variables))
+                    from_logits=True
+                ),
+            )
+        result["parameters"] = int(
+            sum(int(tf.size(v)) for v in model.trainable_variables)
+        )
         result["variables"] = len(model.trainable_variables)
 
         class EpochTimer(keras.callbacks.Callback):
@@ -169,9 +196,15 @@ def child(config, optimizer_name, output):
                 self.times.append(time.perf_counter() - self.start)
 
         timer = EpochTimer()
-        history = model.fit(x, y, batch_size=FLAGS.batch_size,
-                            epochs=FLAGS.epochs, shuffle=False, verbose=0,
-                            callbacks=[timer])
+        history = model.fit(
+            x,
+            y,
+            batch_size=FLAGS.batch_size,
+            epochs=FLAGS.epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[timer],
+        )
         result.update(
             epoch_seconds=timer.times,
             steps_per_epoch=-(-FLAGS.examples // FLAGS.batch_size),
@@ -180,8 +213,9 @@ def child(config, optimizer_name, output):
             jit_compile=str(model.jit_compile),
         )
     except Exception as error:  # noqa: BLE001 - reported by the parent.
-        result["error"] = (f"{type(error).__name__}: "
-                           f"{error}".splitlines()[0][:400])
+        result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][
+            :400
+        ]
     with open(output, "w") as f:
         json.dump(result, f)
 
@@ -189,11 +223,14 @@ def child(config, optimizer_name, output):
 def run_child(config, optimizer_name):
     load = common.OtherLoad().start()
     code, result = common.run_child(
-        __file__, [f"--child={config}:{optimizer_name}"], CHILD_FLAGS)
+        __file__, [f"--child={config}:{optimizer_name}"], CHILD_FLAGS
+    )
     other = load.stop()
     if result is None:
-        return {"error": f"the process exited with code {code}",
-                "other_load": other}
+        return {
+            "error": f"the process exited with code {code}",
+            "other_load": other,
+        }
     result["other_load"] = other
     return result
 
@@ -203,30 +240,37 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for name in FLAGS.optimizers:
         if name not in OPTIMIZER_LABELS:
-            raise app.UsageError(f"Unknown optimizer {name!r}; use "
-                                 f"{sorted(OPTIMIZER_LABELS)}.")
+            raise app.UsageError(
+                f"Unknown optimizer {name!r}; use {sorted(OPTIMIZER_LABELS)}."
+            )
     for name in FLAGS.configs:
         if name not in CONFIG_LABELS:
-            raise app.UsageError(f"Unknown config {name!r}; use "
-                                 f"{sorted(CONFIG_LABELS)}.")
+            raise app.UsageError(
+                f"Unknown config {name!r}; use {sorted(CONFIG_LABELS)}."
+            )
     if FLAGS.child:
         config, optimizer_name = FLAGS.child.split(":")
         child(config, optimizer_name, FLAGS.child_output)
         return
 
-    lines = common.header("fit_epoch: model.fit epoch time, keras_adamw.AdamW "
-                          "vs keras.optimizers.AdamW",
-                          ["tensorflow", "keras", "keras_adamw", "numpy"])
+    lines = common.header(
+        "fit_epoch: model.fit epoch time, keras_adamw.AdamW "
+        "vs keras.optimizers.AdamW",
+        ["tensorflow", "keras", "keras_adamw", "numpy"],
+    )
     lines.append(
         f"- model: embedding {FLAGS.vocab}x{FLAGS.d_model} + positions, "
         f"{FLAGS.blocks} blocks (MultiHeadAttention {FLAGS.heads} heads, "
         f"MLP {FLAGS.d_model}-{FLAGS.ff}-{FLAGS.d_model}), Dense to "
         f"{FLAGS.vocab}; next-token loss on {FLAGS.examples} synthetic "
         f"sequences of {FLAGS.seq_len} tokens, global batch "
-        f"{FLAGS.batch_size}; compile() with Keras' defaults")
-    lines.append(f"- {FLAGS.epochs} epochs per run; 'later epochs' is the "
-                 f"median (and min-max) of epochs 2..{FLAGS.epochs}; each "
-                 "run in its own process")
+        f"{FLAGS.batch_size}; compile() with Keras' defaults"
+    )
+    lines.append(
+        f"- {FLAGS.epochs} epochs per run; 'later epochs' is the "
+        f"median (and min-max) of epochs 2..{FLAGS.epochs}; each "
+        "run in its own process"
+    )
     lines.append("")
     print("\n".join(lines), flush=True)
 
@@ -235,8 +279,9 @@ def main(argv):
         for name in FLAGS.optimizers:
             if FLAGS.wait_idle:
                 common.wait_until_idle(FLAGS.wait_idle)
-            common.log(f"fit: {CONFIG_LABELS[config]}, "
-                       f"{OPTIMIZER_LABELS[name]}")
+            common.log(
+                f"fit: {CONFIG_LABELS[config]}, {OPTIMIZER_LABELS[name]}"
+            )
             results[config, name] = run_child(config, name)
             common.log(f"    {results[config, name]}")
 
@@ -244,40 +289,55 @@ def main(argv):
 
     first = next((r for r in results.values() if "parameters" in r), None)
     if first:
-        print(f"Model: {first['variables']} trainable variables, "
-              f"{first['parameters']:,} parameters.\n")
-    print("| configuration | optimizer | first epoch s | later epochs s "
-          "(min-max) | ms/step | x keras_adamw | first epoch loss | "
-          "final loss | other load |")
+        print(
+            f"Model: {first['variables']} trainable variables, "
+            f"{first['parameters']:,} parameters.\n"
+        )
+    print(
+        "| configuration | optimizer | first epoch s | later epochs s "
+        "(min-max) | ms/step | x keras_adamw | first epoch loss | "
+        "final loss | other load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     notes = []
     for config in FLAGS.configs:
         reference = results.get((config, "keras_adamw"), {})
-        reference_median = (statistics.median(reference["epoch_seconds"][1:])
-                            if "epoch_seconds" in reference else None)
+        reference_median = (
+            statistics.median(reference["epoch_seconds"][1:])
+            if "epoch_seconds" in reference
+            else None
+        )
         for name in FLAGS.optimizers:
             r = results[config, name]
             label = CONFIG_LABELS[config]
             if "epoch_seconds" not in r:
-                print(f"| {label} | {OPTIMIZER_LABELS[name]} | failed | | | "
-                      f"| | | {r.get('other_load', float('nan')):.2f} |")
-                notes.append(f"- {label}, {OPTIMIZER_LABELS[name]}: "
-                             f"{r.get('error')}")
+                print(
+                    f"| {label} | {OPTIMIZER_LABELS[name]} | failed | | | "
+                    f"| | | {r.get('other_load', float('nan')):.2f} |"
+                )
+                notes.append(
+                    f"- {label}, {OPTIMIZER_LABELS[name]}: {r.get('error')}"
+                )
                 continue
             later = r["epoch_seconds"][1:]
             median = statistics.median(later)
-            ratio = (f"{median / reference_median:.2f}" if reference_median
-                     else "-")
-            print(f"| {label} | {OPTIMIZER_LABELS[name]} | "
-                  f"{r['epoch_seconds'][0]:.2f} | {median:.2f} "
-                  f"({min(later):.2f}-{max(later):.2f}) | "
-                  f"{median / r['steps_per_epoch'] * 1e3:.1f} | {ratio} | "
-                  f"{r['loss'][0]:.4f} | {r['loss'][-1]:.4f} | "
-                  f"{r['other_load']:.2f} |")
+            ratio = (
+                f"{median / reference_median:.2f}" if reference_median else "-"
+            )
+            print(
+                f"| {label} | {OPTIMIZER_LABELS[name]} | "
+                f"{r['epoch_seconds'][0]:.2f} | {median:.2f} "
+                f"({min(later):.2f}-{max(later):.2f}) | "
+                f"{median / r['steps_per_epoch'] * 1e3:.1f} | {ratio} | "
+                f"{r['loss'][0]:.4f} | {r['loss'][-1]:.4f} | "
+                f"{r['other_load']:.2f} |"
+            )
     print()
-    print("'x keras_adamw' = median later epoch / keras_adamw's in the same "
-          "configuration (>1: slower than keras_adamw). 'other load' = cores "
-          "kept busy by other processes during the run (0 = quiet).")
+    print(
+        "'x keras_adamw' = median later epoch / keras_adamw's in the same "
+        "configuration (>1: slower than keras_adamw). 'other load' = cores "
+        "kept busy by other processes during the run (0 = quiet)."
+    )
     if notes:
         print("\nFailures:")
         print("\n".join(notes))

@@ -34,24 +34,32 @@ class Skip(Exception):
 
 def _require(module, hint=""):
     if importlib.util.find_spec(module) is None:
-        raise Skip(f"{module} is not installed" + (f" ({hint})" if hint
-                                                   else ""))
+        raise Skip(
+            f"{module} is not installed" + (f" ({hint})" if hint else "")
+        )
 
 
 # ----------------------------------------------------------------------
 # TensorFlow: keras_adamw, Keras 3 and tf_keras.
 
+
 def _keras_variables(weights, dtype):
     import keras
 
-    return [keras.Variable(w, dtype=dtype, name=f"w{i}")
-            for i, w in enumerate(weights)]
+    return [
+        keras.Variable(w, dtype=dtype, name=f"w{i}")
+        for i, w in enumerate(weights)
+    ]
 
 
 def _keras_kwargs(config):
-    return dict(learning_rate=config.learning_rate,
-                weight_decay=config.weight_decay, beta_1=BETA_1,
-                beta_2=BETA_2, epsilon=EPSILON)
+    return dict(
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        beta_1=BETA_1,
+        beta_2=BETA_2,
+        epsilon=EPSILON,
+    )
 
 
 _TF_GRADS = {}
@@ -65,8 +73,9 @@ def _tf_grads(grads, dtype):
     key = (id(grads), dtype)
     if key not in _TF_GRADS:
         _TF_GRADS.clear()
-        _TF_GRADS[key] = [tf.cast(tf.constant(g), getattr(tf, dtype))
-                          for g in grads]
+        _TF_GRADS[key] = [
+            tf.cast(tf.constant(g), getattr(tf, dtype)) for g in grads
+        ]
     return _TF_GRADS[key]
 
 
@@ -97,8 +106,9 @@ def _tf_step(apply, iterations, function=None):
         apply()
         iterations.numpy()
 
-    return step, lambda total: _verified(iterations.numpy(), total,
-                                         " but the optimizer")
+    return step, lambda total: _verified(
+        iterations.numpy(), total, " but the optimizer"
+    )
 
 
 def _keras_adamw(weights, grads, config, jit_compile, wrap):
@@ -108,8 +118,9 @@ def _keras_adamw(weights, grads, config, jit_compile, wrap):
         raise Skip(f"keras_adamw not importable: {error}")
     variables = _keras_variables(weights, config.dtype)
     gradients = _tf_grads(grads, config.dtype)
-    optimizer = keras_adamw.AdamW(**_keras_kwargs(config),
-                                  jit_compile=jit_compile)
+    optimizer = keras_adamw.AdamW(
+        **_keras_kwargs(config), jit_compile=jit_compile
+    )
     optimizer.build(variables)
 
     def apply():
@@ -129,8 +140,7 @@ def _keras(weights, grads, config, jit_compile):
     def apply():
         optimizer.apply(gradients, variables)
 
-    return _tf_step(apply, optimizer.iterations,
-                    {"jit_compile": jit_compile})
+    return _tf_step(apply, optimizer.iterations, {"jit_compile": jit_compile})
 
 
 def _tf_keras(weights, grads, config, wrap):
@@ -138,11 +148,14 @@ def _tf_keras(weights, grads, config, wrap):
     import tensorflow as tf
     import tf_keras
 
-    variables = [tf.Variable(tf.cast(w, getattr(tf, config.dtype)),
-                             name=f"w{i}") for i, w in enumerate(weights)]
+    variables = [
+        tf.Variable(tf.cast(w, getattr(tf, config.dtype)), name=f"w{i}")
+        for i, w in enumerate(weights)
+    ]
     gradients = _tf_grads(grads, config.dtype)
-    optimizer = tf_keras.optimizers.AdamW(**_keras_kwargs(config),
-                                          jit_compile=True)
+    optimizer = tf_keras.optimizers.AdamW(
+        **_keras_kwargs(config), jit_compile=True
+    )
     optimizer.build(variables)
     pairs = list(zip(gradients, variables))
 
@@ -155,12 +168,18 @@ def _tf_keras(weights, grads, config, wrap):
 # ----------------------------------------------------------------------
 # torch and optax.
 
+
 def _torch_adamw(params, config, **kwargs):
     import torch
 
     return torch.optim.AdamW(
-        params, lr=config.learning_rate, betas=(BETA_1, BETA_2),
-        eps=EPSILON, weight_decay=config.weight_decay, **kwargs)
+        params,
+        lr=config.learning_rate,
+        betas=(BETA_1, BETA_2),
+        eps=EPSILON,
+        weight_decay=config.weight_decay,
+        **kwargs,
+    )
 
 
 def _torch(weights, grads, config, fused):
@@ -179,8 +198,7 @@ def _torch(weights, grads, config, fused):
         optimizer = _torch_adamw(params, config, **kwargs)
         optimizer.step()  # fails here if the dtype is unsupported
     except (RuntimeError, ValueError) as error:
-        raise Skip(f"torch.optim.AdamW({kwargs}) with {dtype} params: "
-                   f"{error}")
+        raise Skip(f"torch.optim.AdamW({kwargs}) with {dtype} params: {error}")
     # Reset: a fresh optimizer, so the step count starts at zero.
     for p, w in zip(params, weights):
         with torch.no_grad():
@@ -191,7 +209,8 @@ def _torch(weights, grads, config, fused):
         optimizer.step()  # synchronous on CPU
 
     return step, lambda total: _verified(
-        optimizer.state[params[0]]["step"], total, ", torch")
+        optimizer.state[params[0]]["step"], total, ", torch"
+    )
 
 
 def _optax(weights, grads, config):
@@ -202,8 +221,13 @@ def _optax(weights, grads, config):
     import optax
 
     jax_dtype = getattr(jnp, config.dtype)
-    transform = optax.adamw(config.learning_rate, b1=BETA_1, b2=BETA_2,
-                            eps=EPSILON, weight_decay=config.weight_decay)
+    transform = optax.adamw(
+        config.learning_rate,
+        b1=BETA_1,
+        b2=BETA_2,
+        eps=EPSILON,
+        weight_decay=config.weight_decay,
+    )
     state = {"params": [jnp.asarray(w, dtype=jax_dtype) for w in weights]}
     state["opt"] = transform.init(state["params"])
     gradients = [jnp.asarray(g, dtype=jax_dtype) for g in grads]
@@ -214,13 +238,17 @@ def _optax(weights, grads, config):
         return optax.apply_updates(params, updates), opt_state
 
     def step():
-        state["params"], state["opt"] = update(state["params"], state["opt"],
-                                               gradients)
+        state["params"], state["opt"] = update(
+            state["params"], state["opt"], gradients
+        )
         jax.block_until_ready((state["params"], state["opt"]))
 
     def check(total):
-        counts = [leaf for leaf in jax.tree_util.tree_leaves(state["opt"])
-                  if getattr(leaf, "ndim", 1) == 0]
+        counts = [
+            leaf
+            for leaf in jax.tree_util.tree_leaves(state["opt"])
+            if getattr(leaf, "ndim", 1) == 0
+        ]
         return _verified(counts[0] if counts else total, total, ", optax")
 
     return step, check
@@ -230,41 +258,51 @@ IMPLEMENTATIONS = {
     # name: (label, setup(weights, grads, config))
     "keras_adamw_xla_tf_function": (
         "keras_adamw.AdamW(jit_compile=True), in tf.function",
-        lambda w, g, c: _keras_adamw(w, g, c, True, wrap=True)),
+        lambda w, g, c: _keras_adamw(w, g, c, True, wrap=True),
+    ),
     "keras_adamw_xla": (
         "keras_adamw.AdamW(jit_compile=True), eager `apply`",
-        lambda w, g, c: _keras_adamw(w, g, c, True, wrap=False)),
+        lambda w, g, c: _keras_adamw(w, g, c, True, wrap=False),
+    ),
     "keras_adamw_noxla": (
         "keras_adamw.AdamW(jit_compile=False), eager `apply`",
-        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=False)),
+        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=False),
+    ),
     "keras_adamw_noxla_tf_function": (
         "keras_adamw.AdamW(jit_compile=False), in tf.function",
-        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=True)),
+        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=True),
+    ),
     "keras": (
         "keras.optimizers.AdamW, in tf.function (no XLA)",
-        lambda w, g, c: _keras(w, g, c, jit_compile=False)),
+        lambda w, g, c: _keras(w, g, c, jit_compile=False),
+    ),
     "keras_xla": (
         "keras.optimizers.AdamW, in tf.function(jit_compile=True)",
-        lambda w, g, c: _keras(w, g, c, jit_compile=True)),
+        lambda w, g, c: _keras(w, g, c, jit_compile=True),
+    ),
     "tf_keras_xla_tf_function": (
         "tf_keras.optimizers.AdamW(jit_compile=True), in tf.function",
-        lambda w, g, c: _tf_keras(w, g, c, wrap=True)),
+        lambda w, g, c: _tf_keras(w, g, c, wrap=True),
+    ),
     "tf_keras_xla": (
         "tf_keras.optimizers.AdamW(jit_compile=True), eager",
-        lambda w, g, c: _tf_keras(w, g, c, wrap=False)),
+        lambda w, g, c: _tf_keras(w, g, c, wrap=False),
+    ),
     "torch_fused": (
         "torch.optim.AdamW(fused=True), CPU",
-        lambda w, g, c: _torch(w, g, c, fused=True)),
+        lambda w, g, c: _torch(w, g, c, fused=True),
+    ),
     "torch_foreach": (
         "torch.optim.AdamW(foreach=True), CPU",
-        lambda w, g, c: _torch(w, g, c, fused=False)),
-    "optax": (
-        "optax.adamw under jax.jit (buffers donated)", _optax),
+        lambda w, g, c: _torch(w, g, c, fused=False),
+    ),
+    "optax": ("optax.adamw under jax.jit (buffers donated)", _optax),
 }
 
 
 # ----------------------------------------------------------------------
 # The floor: one fused AdamW update over one flat buffer of all parameters.
+
 
 def _flat_data(total, seed):
     import numpy as np
@@ -278,8 +316,7 @@ def _flat_data(total, seed):
 def _flat_adamw(x, g, m, v, t, sqrt, config):
     """Step `t` of AdamW on float32 arrays (TensorFlow or jax); returns the
     new variable, momentum and velocity."""
-    alpha = (config.learning_rate * sqrt(1.0 - BETA_2 ** t)
-             / (1.0 - BETA_1 ** t))
+    alpha = config.learning_rate * sqrt(1.0 - BETA_2**t) / (1.0 - BETA_1**t)
     m = m * BETA_1 + g * (1 - BETA_1)
     v = v * BETA_2 + g * g * (1 - BETA_2)
     x = x * (1 - config.learning_rate * config.weight_decay)
@@ -302,9 +339,14 @@ def _floor_xla(total, config):
     def update(gradient):
         t = count + 1.0
         x, mm, vv = _flat_adamw(
-            tf.cast(variable, tf.float32), tf.cast(gradient, tf.float32),
-            tf.cast(m, tf.float32), tf.cast(v, tf.float32), t, tf.sqrt,
-            config)
+            tf.cast(variable, tf.float32),
+            tf.cast(gradient, tf.float32),
+            tf.cast(m, tf.float32),
+            tf.cast(v, tf.float32),
+            t,
+            tf.sqrt,
+            config,
+        )
         m.assign(tf.cast(mm, tf_dtype))
         v.assign(tf.cast(vv, tf_dtype))
         variable.assign(tf.cast(x, tf_dtype))
@@ -336,19 +378,27 @@ def _floor_jax(total, config):
 
     w, g = _flat_data(total, config.seed)
     jax_dtype = getattr(jnp, config.dtype)
-    state = [jnp.asarray(w, jax_dtype), jnp.zeros(total, jax_dtype),
-             jnp.zeros(total, jax_dtype), jnp.float32(0)]
+    state = [
+        jnp.asarray(w, jax_dtype),
+        jnp.zeros(total, jax_dtype),
+        jnp.zeros(total, jax_dtype),
+        jnp.float32(0),
+    ]
     gradient = jnp.asarray(g, jax_dtype)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def update(x, m, v, t, gradient):
         t = t + 1
         xx, mm, vv = _flat_adamw(
-            x.astype(jnp.float32), gradient.astype(jnp.float32),
-            m.astype(jnp.float32), v.astype(jnp.float32), t, jnp.sqrt,
-            config)
-        return (xx.astype(x.dtype), mm.astype(m.dtype), vv.astype(v.dtype),
-                t)
+            x.astype(jnp.float32),
+            gradient.astype(jnp.float32),
+            m.astype(jnp.float32),
+            v.astype(jnp.float32),
+            t,
+            jnp.sqrt,
+            config,
+        )
+        return (xx.astype(x.dtype), mm.astype(m.dtype), vv.astype(v.dtype), t)
 
     def step():
         state[:] = update(*state, gradient)
@@ -359,8 +409,10 @@ def _floor_jax(total, config):
 
 FLOORS = {
     # name: (label, setup(total, config))
-    "floor_xla": ("XLA (tf.function jit_compile=True), one flat tensor",
-                  _floor_xla),
+    "floor_xla": (
+        "XLA (tf.function jit_compile=True), one flat tensor",
+        _floor_xla,
+    ),
     "floor_torch": ("torch fused AdamW, one flat tensor", _floor_torch),
     "floor_jax": ("jax.jit (donated), one flat array", _floor_jax),
 }
@@ -370,8 +422,10 @@ FLOORS = {
 # on this 2-core machine (measured: fused AdamW on 1M parameters 0.7 ms
 # alone, 120-180 ms after TensorFlow was imported and used).
 GROUPS = {
-    "tensorflow": [n for n in IMPLEMENTATIONS if not n.startswith(
-        ("torch", "optax"))] + ["floor_xla"],
+    "tensorflow": [
+        n for n in IMPLEMENTATIONS if not n.startswith(("torch", "optax"))
+    ]
+    + ["floor_xla"],
     "torch": ["torch_fused", "torch_foreach", "floor_torch"],
     "jax": ["optax", "floor_jax"],
 }
@@ -390,9 +444,11 @@ def select(requested):
         names = list(IMPLEMENTATIONS) + ["floor"]
     if "floor" in names:
         names = [n for n in names if n != "floor"] + list(FLOORS)
-    unknown = [n for n in names if n not in IMPLEMENTATIONS
-               and n not in FLOORS]
+    unknown = [
+        n for n in names if n not in IMPLEMENTATIONS and n not in FLOORS
+    ]
     if unknown:
         raise ValueError(
-            f"Unknown implementation(s) {unknown}; --list shows the names.")
+            f"Unknown implementation(s) {unknown}; --list shows the names."
+        )
     return names

@@ -60,17 +60,29 @@ def time_implementations(names, shapes, weights, grads, config, sampling):
         else:
             label, setup = implementations.IMPLEMENTATIONS[name]
             make = functools.partial(setup, weights, grads, config)
-        common.log(f"[{len(shapes)} variables, {total:,} parameters, "
-                   f"{config.dtype}] set up and warm up {name}: {label}")
+        common.log(
+            f"[{len(shapes)} variables, {total:,} parameters, "
+            f"{config.dtype}] set up and warm up {name}: {label}"
+        )
         try:
             step, check = make()
             first_call, last = common.warm_up(step, sampling.warmup)
-            steps = common.steps_for(last, sampling.steps_per_repeat,
-                                     sampling.min_repeat_ms / 1000.0)
-            live[name] = dict(label=label, step=step, check=check,
-                              first_call=first_call, steps=steps, times=[])
-            common.log(f"    first call {first_call:.2f} s, then "
-                       f"{last * 1e3:.3f} ms")
+            steps = common.steps_for(
+                last,
+                sampling.steps_per_repeat,
+                sampling.min_repeat_ms / 1000.0,
+            )
+            live[name] = dict(
+                label=label,
+                step=step,
+                check=check,
+                first_call=first_call,
+                steps=steps,
+                times=[],
+            )
+            common.log(
+                f"    first call {first_call:.2f} s, then {last * 1e3:.3f} ms"
+            )
         except implementations.Skip as reason:
             common.log(f"    skipped: {reason}")
             results[name] = {"label": label, "skipped": str(reason)}
@@ -84,23 +96,27 @@ def time_implementations(names, shapes, weights, grads, config, sampling):
         start = round_index % max(len(order), 1)
         for name in order[start:] + order[:start]:
             entry = live[name]
-            entry["times"].append(common.sample(entry["step"],
-                                                entry["steps"]))
+            entry["times"].append(common.sample(entry["step"], entry["steps"]))
         common.log(f"    round {round_index + 1}/{sampling.repeats} done")
     for name in order:
         entry = live.pop(name)
         try:
-            entry["check"](max(sampling.warmup, 1)
-                           + sampling.repeats * entry["steps"])
-            results[name] = {"label": entry["label"],
-                             "times": entry["times"],
-                             "first_call": entry["first_call"],
-                             "steps_per_repeat": entry["steps"]}
-            common.log(f"{name}: median "
-                       f"{sorted(entry['times'])[len(entry['times']) // 2] * 1e3:.3f} ms")
+            entry["check"](
+                max(sampling.warmup, 1) + sampling.repeats * entry["steps"]
+            )
+            results[name] = {
+                "label": entry["label"],
+                "times": entry["times"],
+                "first_call": entry["first_call"],
+                "steps_per_repeat": entry["steps"],
+            }
+            median = sorted(entry["times"])[len(entry["times"]) // 2]
+            common.log(f"{name}: median {median * 1e3:.3f} ms")
         except Exception as error:  # noqa: BLE001
-            results[name] = {"label": entry["label"],
-                             "skipped": "failed check: " + _failure(error)}
+            results[name] = {
+                "label": entry["label"],
+                "skipped": "failed check: " + _failure(error),
+            }
         entry.clear()
     release()
     return {name: results[name] for name in names if name in results}
@@ -119,8 +135,11 @@ def child(group, names, parts, config, sampling, output):
         batches = [names] if sampling.interleave else [[n] for n in names]
         results[title] = {}
         for batch in batches:
-            results[title].update(time_implementations(
-                batch, shapes, weights, grads, config, sampling))
+            results[title].update(
+                time_implementations(
+                    batch, shapes, weights, grads, config, sampling
+                )
+            )
         del weights, grads
         implementations.forget_gradients()
         release()
@@ -149,15 +168,23 @@ def run_group(group, names, titles, isolate, start_child):
                 for name in batch:
                     merged.setdefault(title, {})[name] = {
                         "label": implementations.label(name),
-                        "skipped": reason}
+                        "skipped": reason,
+                    }
             continue
         for title, part in results.items():
             merged.setdefault(title, {}).update(part)
     return merged
 
 
-def run_groups(names, titles, isolate, start_child, wait_idle=0, retries=0,
-               max_other_load=0.3):
+def run_groups(
+    names,
+    titles,
+    isolate,
+    start_child,
+    wait_idle=0,
+    retries=0,
+    max_other_load=0.3,
+):
     """Runs every group with a name in `names` (see `run_group`). Before
     each, waits up to `wait_idle` seconds for a quiet machine; runs a group
     again (up to `retries` times) while other processes kept more than

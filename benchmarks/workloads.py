@@ -16,8 +16,16 @@ def bert_shapes():
 def small_shapes(count=2000):
     """`count` variables of 1024 to 4096 parameters, a few repeated shapes
     (as in a real model, where layers repeat)."""
-    cycle = [(1024,), (32, 48), (2048,), (48, 64), (4096,), (64, 64),
-             (1536,), (40, 80)]
+    cycle = [
+        (1024,),
+        (32, 48),
+        (2048,),
+        (48, 64),
+        (4096,),
+        (64, 64),
+        (1536,),
+        (40, 80),
+    ]
     return [cycle[i % len(cycle)] for i in range(count)]
 
 
@@ -40,8 +48,10 @@ def parts(workload, sweep_sizes, sweep_variables):
         return [("bert", bert_shapes())]
     if workload == "small":
         return [("small", small_shapes())]
-    return [(text, sweep_shapes(parse_size(text), sweep_variables))
-            for text in sweep_sizes]
+    return [
+        (text, sweep_shapes(parse_size(text), sweep_variables))
+        for text in sweep_sizes
+    ]
 
 
 def size(shape):
@@ -59,9 +69,11 @@ def parameter_count(shapes):
 def describe(shapes, dtype):
     sizes = [size(s) for s in shapes]
     total = sum(sizes)
-    return (f"{len(shapes)} variables, {total:,} parameters "
-            f"({total / 1e6:.1f}M; smallest {min(sizes):,}, largest "
-            f"{max(sizes):,}), {dtype}")
+    return (
+        f"{len(shapes)} variables, {total:,} parameters "
+        f"({total / 1e6:.1f}M; smallest {min(sizes):,}, largest "
+        f"{max(sizes):,}), {dtype}"
+    )
 
 
 def make_data(shapes, seed):
@@ -69,8 +81,8 @@ def make_data(shapes, seed):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    weights = [(0.02 * rng.standard_normal(s, dtype=np.float32))
-               for s in shapes]
-    grads = [(1e-3 * rng.standard_normal(s, dtype=np.float32))
-             for s in shapes]
+    weights = [
+        (0.02 * rng.standard_normal(s, dtype=np.float32)) for s in shapes
+    ]
+    grads = [(1e-3 * rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     return weights, grads

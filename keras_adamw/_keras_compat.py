@@ -45,24 +45,29 @@ def check_keras_version(version=None):
     >>> check_keras_version("3.2.0")
     Traceback (most recent call last):
     ...
-    ImportError: keras_adamw needs Keras >= 3.10.0 (checked with 3.10.0 to 3.15.1); found Keras 3.2.0. ...
+    ImportError: keras_adamw needs Keras >= 3.10.0 ... found Keras 3.2.0. ...
     """
     version = version or keras.__version__
     low, high = SUPPORTED_KERAS
     if _version_tuple(version) < _version_tuple(low):
         raise ImportError(
-            f"keras_adamw needs Keras >= {low} (checked with {low} to {high}); "
-            f"found Keras {version}. Upgrade with `pip install -U keras`.")
+            f"keras_adamw needs Keras >= {low} (checked with {low} to "
+            f"{high}); "
+            f"found Keras {version}. Upgrade with `pip install -U keras`."
+        )
     if _version_tuple(version)[:2] > _version_tuple(high)[:2]:
         warnings.warn(
             f"keras_adamw was checked with Keras {low} to {high}; found Keras "
             f"{version}. It reaches into Keras' optimizer internals "
             "(keras_adamw/_keras_compat.py): if something fails, pin "
-            f"keras<={high} and report it.", stacklevel=2)
+            f"keras<={high} and report it.",
+            stacklevel=2,
+        )
 
 
 # ----------------------------------------------------------------------
 # keras.optimizers.Optimizer: state the base class keeps.
+
 
 def iterations_variable(optimizer):
     """The raw call counter (`Optimizer._iterations`; the public
@@ -110,8 +115,9 @@ def variable_index(optimizer, variable):
 def is_built_variable(optimizer, variable):
     """Whether the optimizer was built with `variable`
     (`Optimizer._var_key`, `Optimizer._trainable_variables_indices`)."""
-    return (optimizer._var_key(variable)
-            in optimizer._trainable_variables_indices)
+    return (
+        optimizer._var_key(variable) in optimizer._trainable_variables_indices
+    )
 
 
 def variable_key(optimizer, variable):
@@ -138,18 +144,26 @@ def track_variable(optimizer, variable):
     optimizer._track_variable(variable)
 
 
-def base_add_variable(optimizer, shape, initializer, dtype, aggregation,
-                      layout, name):
+def base_add_variable(
+    optimizer, shape, initializer, dtype, aggregation, layout, name
+):
     """Keras' own `Optimizer.add_variable` (public; `layout` exists since
     Keras 3.10 and is passed only when set)."""
     kwargs = {} if layout is None else {"layout": layout}
     return keras.optimizers.Optimizer.add_variable(
-        optimizer, shape, initializer=initializer, dtype=dtype,
-        aggregation=aggregation, name=name, **kwargs)
+        optimizer,
+        shape,
+        initializer=initializer,
+        dtype=dtype,
+        aggregation=aggregation,
+        name=name,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------
 # keras.Variable.
+
 
 def replace_backing_variable(variable, backing):
     """Makes the `keras.Variable` `variable` hold the `tf.Variable`

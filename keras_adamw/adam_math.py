@@ -91,8 +91,9 @@ def densify(gradient, dtype=None):
             values = tf.cast(values, dtype)
         # convert_to_tensor of IndexedSlices is an unsorted segment sum, which
         # adds the rows of repeated indices.
-        gradient = tf.convert_to_tensor(tf.IndexedSlices(
-            values, gradient.indices, gradient.dense_shape))
+        gradient = tf.convert_to_tensor(
+            tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+        )
     if dtype is not None:
         gradient = tf.cast(gradient, dtype)
     return gradient
@@ -242,8 +243,11 @@ def clip_by_global_norm(gradients, clipnorm):
     # Variables of mixed precision: square and sum in the widest dtype among
     # them, so a float64 variable's clip is float64-exact.
     dtype = max((g.dtype for g in gradients), key=lambda d: d.size)
-    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, dtype)))
-                             for g in gradients]))
+    norm = tf.sqrt(
+        tf.add_n(
+            [tf.reduce_sum(tf.square(tf.cast(g, dtype))) for g in gradients]
+        )
+    )
     clipnorm = as_scalar(clipnorm, norm.dtype)
     scale = clipnorm * tf.minimum(1.0 / norm, 1.0 / clipnorm)
     scale = scale + (norm - norm)  # NaN for an infinite or NaN norm.
@@ -262,8 +266,9 @@ def clip_by_value(gradient, clipvalue):
     return tf.clip_by_value(gradient, -clipvalue, clipvalue)
 
 
-def clip_gradients(gradients, clipnorm=None, clipvalue=None,
-                   global_clipnorm=None):
+def clip_gradients(
+    gradients, clipnorm=None, clipvalue=None, global_clipnorm=None
+):
     """Applies the one clip option that is set (if any) to dense `gradients`.
 
     Example:

@@ -34,12 +34,14 @@ def check_variable(variable):
     TypeError: An optimizer updates variables; received a tf.Tensor ...
     """
     if not _is_variable(variable):
-        kind = ("tf.Tensor" if tf.is_tensor(variable)
-                else type(variable).__name__)
+        kind = (
+            "tf.Tensor" if tf.is_tensor(variable) else type(variable).__name__
+        )
         raise TypeError(
             f"An optimizer updates variables; received a {kind} in its "
             f"place: {variable!r:.200}. Pass `tf.Variable`s or "
-            "`keras.Variable`s (a model's `trainable_variables`).")
+            "`keras.Variable`s (a model's `trainable_variables`)."
+        )
     dtype = tf.as_dtype(variable.dtype)
     if not dtype.is_floating:
         raise TypeError(
@@ -61,7 +63,8 @@ def check_gradient(gradient, variable):
         shape = gradient.dense_shape
         static = tf.get_static_value(shape) if shape is not None else None
         grad_shape = (
-            tf.TensorShape(static) if static is not None
+            tf.TensorShape(static)
+            if static is not None
             else tf.TensorShape([None]).concatenate(gradient.values.shape[1:])
         )
         dtype = gradient.values.dtype
@@ -89,8 +92,9 @@ def check_gradient(gradient, variable):
         )
 
 
-def check_pairs(gradients, variables, *, placement, is_known=None,
-                optimizer_name=""):
+def check_pairs(
+    gradients, variables, *, placement, is_known=None, optimizer_name=""
+):
     """Checks one call's gradients against its variables.
 
     Args:
@@ -119,33 +123,39 @@ def check_pairs(gradients, variables, *, placement, is_known=None,
             raise TypeError(
                 f"Received the variable {variable_name(gradient)!r} where a "
                 "gradient belongs: pairs are (gradient, variable), in that "
-                "order.")
+                "order."
+            )
         check_variable(variable)
         if id(tf_variable(variable)) in seen:
             raise ValueError(
                 f"Variable {variable_name(variable)!r} appears twice in one "
-                "call; pass each variable once (sum its gradients).")
+                "call; pass each variable once (sum its gradients)."
+            )
         seen.add(id(tf_variable(variable)))
         placement.check_variable(variable)
         if is_known is not None and not is_known(variable):
             raise ValueError(
                 f"Unknown variable {variable_name(variable)!r}: optimizer "
                 f"{optimizer_name!r} was built on other variables. Create a "
-                "new optimizer for a new set of variables.")
+                "new optimizer for a new set of variables."
+            )
         if getattr(variable, "overwrite_with_gradient", False):
             raise NotImplementedError(
                 "Variables with `overwrite_with_gradient=True` (float8 "
                 "training) are not supported. Received: "
-                f"{variable_name(variable)!r}")
+                f"{variable_name(variable)!r}"
+            )
         if gradient is None:
             missing.append(variable_name(variable))
         else:
             check_gradient(gradient, variable)
-            present.append((check_sparse_indices(gradient, variable),
-                            variable))
+            present.append(
+                (check_sparse_indices(gradient, variable), variable)
+            )
     if not present:
         raise ValueError(
-            f"No gradients provided for any variable. Variables: {missing}")
+            f"No gradients provided for any variable. Variables: {missing}"
+        )
     return present, missing
 
 
@@ -165,7 +175,8 @@ def check_sparse_indices(gradient, variable):
     ...     tf.Variable(tf.zeros([3, 2]), name="table"))
     Traceback (most recent call last):
     ...
-    ValueError: The sparse gradient of variable 'table:0' has indices [-1] outside its rows [0, 3).
+    ValueError: The sparse gradient of variable 'table:0' has indices [-1]
+    outside its rows [0, 3).
     """
     if not isinstance(gradient, tf.IndexedSlices):
         return gradient
@@ -179,14 +190,18 @@ def check_sparse_indices(gradient, variable):
             raise ValueError(
                 f"The sparse gradient of variable {variable_name(variable)!r}"
                 f" has indices {sorted(set(bad.tolist()))[:10]} outside its "
-                f"rows [0, {rows}).")
+                f"rows [0, {rows})."
+            )
         return gradient
-    message = (f"The sparse gradient of variable {variable_name(variable)!r}"
-               f" has indices outside its rows [0, {rows})")
+    message = (
+        f"The sparse gradient of variable {variable_name(variable)!r}"
+        f" has indices outside its rows [0, {rows})"
+    )
     checks = [
         tf.debugging.assert_non_negative(indices, message=message),
         tf.debugging.assert_less(
-            indices, tf.cast(rows, indices.dtype), message=message),
+            indices, tf.cast(rows, indices.dtype), message=message
+        ),
     ]
     with tf.control_dependencies(checks):
         indices = tf.identity(indices)
@@ -203,19 +218,23 @@ def check_step_counter(iterations):
     >>> check_step_counter(tf.Variable(2**63 - 1, dtype=tf.int64))
     Traceback (most recent call last):
     ...
-    ValueError: The step counter is at its largest value (9223372036854775807); another step would wrap it. ...
+    ValueError: The step counter is at its largest value ... would wrap it. ...
     """
     largest = np.iinfo(tf.as_dtype(iterations.dtype).as_numpy_dtype).max
-    message = (f"The step counter is at its largest value ({largest}); "
-               "another step would wrap it. Reset `optimizer.iterations` or "
-               "make a new optimizer.")
+    message = (
+        f"The step counter is at its largest value ({largest}); "
+        "another step would wrap it. Reset `optimizer.iterations` or "
+        "make a new optimizer."
+    )
     if tf.executing_eagerly():
         if int(iterations.numpy()) >= largest:
             raise ValueError(message)
         return None
     return tf.debugging.assert_less(
         tf.convert_to_tensor(iterations),
-        tf.constant(largest, iterations.dtype), message=message)
+        tf.constant(largest, iterations.dtype),
+        message=message,
+    )
 
 
 def check_created_in_strategy_scope(variables):
@@ -232,11 +251,13 @@ def check_created_in_strategy_scope(variables):
     strategy = tf.distribute.get_strategy()
     for variable in variables:
         if not strategy.extended.variable_created_in_scope(
-                tf_variable(variable)):
+            tf_variable(variable)
+        ):
             raise ValueError(
                 f"Variable {variable_name(variable)!r} was not created in the "
                 f"scope of the current {type(strategy).__name__}: create the "
-                "model and the optimizer under `strategy.scope()`.")
+                "model and the optimizer under `strategy.scope()`."
+            )
 
 
 def check_accumulation_window(variables, built, steps, optimizer_name):
@@ -251,16 +272,19 @@ def check_accumulation_window(variables, built, steps, optimizer_name):
     >>> check_accumulation_window([a], [a, b], 2, "adam")
     Traceback (most recent call last):
     ...
-    ValueError: Optimizer 'adam' accumulates gradients over 2 calls for all 2 variables it was built with, but this call leaves out ['b:0']. ...
+    ValueError: Optimizer 'adam' accumulates gradients over 2 calls ...
+    this call leaves out ['b:0']. ...
     """
     if not steps or len(variables) == len(built):
         return
     passed = {id(tf_variable(v)) for v in variables}
-    left_out = [variable_name(v) for v in built
-                if id(tf_variable(v)) not in passed]
+    left_out = [
+        variable_name(v) for v in built if id(tf_variable(v)) not in passed
+    ]
     raise ValueError(
         f"Optimizer {optimizer_name!r} accumulates gradients over {steps} "
         f"calls for all {len(built)} variables it was built with, but this "
         f"call leaves out {left_out[:5]}{'...' if len(left_out) > 5 else ''}."
         " Pass every variable (with a `None` gradient where there is none), "
-        "or use one optimizer per model.")
+        "or use one optimizer per model."
+    )

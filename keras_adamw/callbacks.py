@@ -40,8 +40,9 @@ class OptimizerLogger(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         # LossScaleOptimizer (mixed precision) wraps the real optimizer.
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        learning_rate = float(np.asarray(
-            keras.ops.convert_to_numpy(optimizer.learning_rate)))
+        learning_rate = float(
+            np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        )
         weight_decay = getattr(optimizer, "weight_decay", None) or 0.0
         return {
             "learning_rate": learning_rate,

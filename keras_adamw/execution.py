@@ -90,15 +90,34 @@ class Programs:
         """`function` compiled with XLA (made once)."""
         if function not in self._compiled:
             self._compiled[function] = tf.function(
-                function, jit_compile=True, autograph=False)
+                function, jit_compile=True, autograph=False
+            )
         return self._compiled[function]
 
-    def run(self, function, jit_compile, gradients, indices, state, hyper,
-            config, guards=()):
+    def run(
+        self,
+        function,
+        jit_compile,
+        gradients,
+        indices,
+        state,
+        hyper,
+        config,
+        guards=(),
+    ):
         """Runs `function` (a step function of `keras_adamw.step`) with XLA
         or op by op, where the variables live; see `run`."""
-        run(function, self.compiled(function) if jit_compile else None,
-            jit_compile, gradients, indices, state, hyper, config, guards)
+        run(
+            function,
+            self.compiled(function) if jit_compile else None,
+            jit_compile,
+            gradients,
+            indices,
+            state,
+            hyper,
+            config,
+            guards,
+        )
 
 
 def _after_inputs(program, guards):
@@ -113,16 +132,26 @@ def _after_inputs(program, guards):
     """
 
     def guarded(gradients, indices, state, hyper, config):
-        waits = [t for t in tf.nest.flatten((gradients, hyper))
-                 if tf.is_tensor(t)] + [g for g in guards if g is not None]
+        waits = [
+            t for t in tf.nest.flatten((gradients, hyper)) if tf.is_tensor(t)
+        ] + [g for g in guards if g is not None]
         with tf.control_dependencies(waits):
             return program(gradients, indices, state, hyper, config)
 
     return guarded
 
 
-def run(function, xla_program, jit_compile, gradients, indices, state, hyper,
-        config, guards=()):
+def run(
+    function,
+    xla_program,
+    jit_compile,
+    gradients,
+    indices,
+    state,
+    hyper,
+    config,
+    guards=(),
+):
     """Runs a step function where the variables of `state` live: once, or
     once per local device of the current strategy (entered from the replica
     context through `merge_call`). Nothing is written before every check
@@ -141,7 +170,8 @@ def run(function, xla_program, jit_compile, gradients, indices, state, hyper,
         guards: Checks (assertion ops, or `None`) to pass before any write.
     """
     program = _after_inputs(
-        choose_program(function, xla_program, jit_compile), guards)
+        choose_program(function, xla_program, jit_compile), guards
+    )
     if not in_strategy():
         program(gradients, indices, state, hyper, config)
         return

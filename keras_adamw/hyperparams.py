@@ -24,8 +24,17 @@ from keras_adamw import validation
 
 Hyperparameter = collections.namedtuple(
     "Hyperparameter",
-    ["name", "kind", "low", "high", "high_open", "default", "in_step",
-     "structural", "in_base_config"],
+    [
+        "name",
+        "kind",
+        "low",
+        "high",
+        "high_open",
+        "default",
+        "in_step",
+        "structural",
+        "in_base_config",
+    ],
 )
 Hyperparameter.__doc__ = """One row of the table.
 
@@ -48,30 +57,103 @@ _ROWS = [
     # name, kind, low, high, high_open, default, in_step, structural, base
     ("learning_rate", "rate", 0.0, None, False, 0.001, True, False, True),
     ("beta_1", "number_or_callable", 0.0, 1.0, True, 0.9, True, False, False),
-    ("beta_2", "number_or_callable", 0.0, 1.0, True, 0.999, True, False,
-     False),
+    (
+        "beta_2",
+        "number_or_callable",
+        0.0,
+        1.0,
+        True,
+        0.999,
+        True,
+        False,
+        False,
+    ),
     ("epsilon", "number", 0.0, None, False, 1e-7, True, False, False),
-    ("weight_decay", "number_or_none", 0.0, None, False, None, True, False,
-     True),
+    (
+        "weight_decay",
+        "number_or_none",
+        0.0,
+        None,
+        False,
+        None,
+        True,
+        False,
+        True,
+    ),
     ("amsgrad", "bool", None, None, False, False, False, True, False),
-    ("clipnorm", "positive_or_none", 0.0, None, False, None, False, False,
-     True),
-    ("clipvalue", "positive_or_none", 0.0, None, False, None, False, False,
-     True),
-    ("global_clipnorm", "positive_or_none", 0.0, None, False, None, False,
-     False, True),
+    (
+        "clipnorm",
+        "positive_or_none",
+        0.0,
+        None,
+        False,
+        None,
+        False,
+        False,
+        True,
+    ),
+    (
+        "clipvalue",
+        "positive_or_none",
+        0.0,
+        None,
+        False,
+        None,
+        False,
+        False,
+        True,
+    ),
+    (
+        "global_clipnorm",
+        "positive_or_none",
+        0.0,
+        None,
+        False,
+        None,
+        False,
+        False,
+        True,
+    ),
     ("use_ema", "bool", None, None, False, False, False, True, True),
     ("ema_momentum", "number", 0.0, 1.0, False, 0.99, False, False, True),
-    ("ema_overwrite_frequency", "int_or_none", 1, None, False, None, False,
-     False, True),
-    ("loss_scale_factor", "positive_or_none", 0.0, None, False, None, False,
-     False, True),
-    ("gradient_accumulation_steps", "int_or_none", 2, None, False, None,
-     False, True, True),
+    (
+        "ema_overwrite_frequency",
+        "int_or_none",
+        1,
+        None,
+        False,
+        None,
+        False,
+        False,
+        True,
+    ),
+    (
+        "loss_scale_factor",
+        "positive_or_none",
+        0.0,
+        None,
+        False,
+        None,
+        False,
+        False,
+        True,
+    ),
+    (
+        "gradient_accumulation_steps",
+        "int_or_none",
+        2,
+        None,
+        False,
+        None,
+        False,
+        True,
+        True,
+    ),
     ("jit_compile", "bool", None, None, False, True, False, False, False),
 ]
 TABLE = collections.OrderedDict(
-    (row[0], Hyperparameter(*row)) for row in _ROWS)
+    (row[0], Hyperparameter(*row)) for row in _ROWS
+)
 
 # Keys `get_config` adds to the base class' config.
 EXTRA_CONFIG = tuple(h.name for h in TABLE.values() if not h.in_base_config)
@@ -98,7 +180,8 @@ def check(name, value):
     >>> check("beta_1", 1.5)
     Traceback (most recent call last):
     ...
-    ValueError: Argument `beta_1` must be a finite number in [0.0, 1.0). Received: beta_1=1.5
+    ValueError: Argument `beta_1` must be a finite number in [0.0, 1.0).
+    Received: beta_1=1.5
     """
     row = TABLE[name]
     kind = row.kind
@@ -111,11 +194,16 @@ def check(name, value):
     if value is None and kind in ("number_or_none", "positive_or_none"):
         return None
     number = validation.check_number(
-        name, value, allow_callable=kind == "number_or_callable",
-        allow_tensor=kind == "number_or_callable", **_range_kwargs(row))
+        name,
+        value,
+        allow_callable=kind == "number_or_callable",
+        allow_tensor=kind == "number_or_callable",
+        **_range_kwargs(row),
+    )
     if kind == "positive_or_none" and number == 0:
         raise ValueError(
-            f"Argument `{name}` must be > 0 or None. Received: {name}={value}")
+            f"Argument `{name}` must be > 0 or None. Received: {name}={value}"
+        )
     return number
 
 
@@ -126,13 +214,13 @@ def check_clip_options(values):
 
     >>> check_clip_options({"clipnorm": 1.0, "clipvalue": None})
     """
-    given = {k: values[k] for k in CLIP_OPTIONS
-             if values.get(k) is not None}
+    given = {k: values[k] for k in CLIP_OPTIONS if values.get(k) is not None}
     if len(given) > 1:
         raise ValueError(
             "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
             "be set. Received: "
-            + ", ".join(f"{k}={v}" for k, v in given.items()))
+            + ", ".join(f"{k}={v}" for k, v in given.items())
+        )
 
 
 def check_arguments(values):
@@ -165,7 +253,8 @@ def check_assignment(optimizer, name, value):
     >>> opt.epsilon = -1.0
     Traceback (most recent call last):
     ...
-    ValueError: Argument `epsilon` must be a finite number in [0.0, inf]. Received: epsilon=-1.0
+    ValueError: Argument `epsilon` must be a finite number in [0.0, inf].
+    Received: epsilon=-1.0
     """
     value = check(name, value)
     if name in CLIP_OPTIONS and value is not None:
@@ -173,12 +262,16 @@ def check_assignment(optimizer, name, value):
         others[name] = value
         check_clip_options(others)
     row = TABLE[name]
-    if (row.structural and getattr(optimizer, "built", False)
-            and value != getattr(optimizer, name)):
+    if (
+        row.structural
+        and getattr(optimizer, "built", False)
+        and value != getattr(optimizer, name)
+    ):
         raise ValueError(
             f"`{name}` cannot change once optimizer {optimizer.name!r} is "
             f"built (it decides which slots exist). Received: {name}={value}; "
-            f"it is {getattr(optimizer, name)!r}. Create a new optimizer.")
+            f"it is {getattr(optimizer, name)!r}. Create a new optimizer."
+        )
     return value
 
 
@@ -213,7 +306,8 @@ def step_tensors(values, computed_learning_rate):
         value, computed = _evaluate(value)
         if computed or (name == "learning_rate" and computed_learning_rate):
             value = validation.check_tensor_in_range(
-                name, value, **_range_kwargs(TABLE[name]))
+                name, value, **_range_kwargs(TABLE[name])
+            )
         tensors[name] = value
     return tensors
 
@@ -237,8 +331,11 @@ def exact_rate(rate, exact):
     """
     rate = tf.convert_to_tensor(rate)
     exact = tf.convert_to_tensor(exact)
-    return tf.where(tf.equal(tf.cast(exact, rate.dtype), rate), exact,
-                    tf.cast(rate, exact.dtype))
+    return tf.where(
+        tf.equal(tf.cast(exact, rate.dtype), rate),
+        exact,
+        tf.cast(rate, exact.dtype),
+    )
 
 
 def is_number(value):
@@ -250,3 +347,32 @@ def is_number(value):
     (True, False, False)
     """
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class HyperparameterAttributes:
+    """A mixin of `keras_adamw.Adam`: assigning a hyperparameter checks it
+    (as the constructor does), and `get_config` writes every row."""
+
+    def __setattr__(self, name, value):
+        """Checks a hyperparameter assigned after construction as the
+        constructor does (see `check_assignment`)."""
+        if (
+            name in TABLE
+            and name != "learning_rate"
+            and getattr(self, "_hyperparameters_checked", False)
+        ):
+            value = check_assignment(self, name, value)
+        super().__setattr__(name, value)
+
+    def get_config(self):
+        """Returns the constructor arguments as a serializable dict.
+
+        Example:
+
+        >>> keras_adamw.AdamW().get_config()["weight_decay"]
+        0.004
+        """
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in EXTRA_CONFIG})
+        config.update(self._placement.get_config())
+        return config

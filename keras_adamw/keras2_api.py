@@ -38,7 +38,8 @@ class Keras2API:
         if not callable(loss) and tape is None:
             raise ValueError(
                 "`tape` is required when `loss` is a tensor rather than a "
-                f"callable. Received: loss={loss!r}, tape=None")
+                f"callable. Received: loss={loss!r}, tape=None"
+            )
         tape = tape if tape is not None else tf.GradientTape()
         with tape:
             if callable(loss):
@@ -94,11 +95,14 @@ class Keras2API:
         if not present:
             return grads_and_vars
         reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
-        return [(None if g is None else next(reduced), v)
-                for g, v in grads_and_vars]
+        return [
+            (None if g is None else next(reduced), v)
+            for g, v in grads_and_vars
+        ]
 
-    def apply_gradients(self, grads_and_vars, name=None,
-                        skip_gradients_aggregation=False):
+    def apply_gradients(
+        self, grads_and_vars, name=None, skip_gradients_aggregation=False
+    ):
         """Applies `(gradient, variable)` pairs.
 
         Overrides Keras to take Keras 2's `name` and
@@ -123,7 +127,9 @@ class Keras2API:
         """
         del name
         grads_and_vars = list(grads_and_vars)
-        self._apply([g for g, _ in grads_and_vars],
-                    [v for _, v in grads_and_vars],
-                    aggregate=not skip_gradients_aggregation)
+        self._apply(
+            [g for g, _ in grads_and_vars],
+            [v for _, v in grads_and_vars],
+            aggregate=not skip_gradients_aggregation,
+        )
         return _keras_compat.iterations_variable(self)

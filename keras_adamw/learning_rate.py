@@ -51,8 +51,11 @@ class LearningRate:
             self._use_learning_rate_variable(rate)
             return []
         if hyperparams.is_number(rate):
-            self._exact_learning_rate = Hidden(self._placement.make_scalar(
-                rate, tf.float64, name="learning_rate_as_set"))
+            self._exact_learning_rate = Hidden(
+                self._placement.make_scalar(
+                    rate, tf.float64, name="learning_rate_as_set"
+                )
+            )
         held = _keras_compat.learning_rate_value(self)
         return [held] if isinstance(held, keras.Variable) else []
 
@@ -60,8 +63,12 @@ class LearningRate:
         """Uses the user's `tf.Variable` as the learning rate (wrapped, not
         copied)."""
         with keras.name_scope(self.name, caller=self):
-            wrapper = keras.Variable(variable, dtype=variable.dtype.name,
-                                     trainable=False, name="learning_rate")
+            wrapper = keras.Variable(
+                variable,
+                dtype=variable.dtype.name,
+                trainable=False,
+                name="learning_rate",
+            )
         _keras_compat.use_learning_rate_variable(self, wrapper)
         self._exact_learning_rate = Hidden(None)
 

@@ -17,7 +17,6 @@ The formula is in `adam_math`; state I/O in `state_io`; the Keras 2 API in
 import warnings
 
 import keras
-import tensorflow as tf
 
 from keras_adamw import _keras_compat
 from keras_adamw import call_checks
@@ -35,9 +34,16 @@ from keras_adamw import weight_decay as weight_decay_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
-class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
-           weight_decay_lib.WeightDecayExclusion, step_inputs.StepInputs,
-           learning_rate_lib.LearningRate, keras.optimizers.Optimizer):
+class Adam(
+    hyperparams.HyperparameterAttributes,
+    keras2_api.Keras2API,
+    state_io.StateIO,
+    slots.Slots,
+    weight_decay_lib.WeightDecayExclusion,
+    step_inputs.StepInputs,
+    learning_rate_lib.LearningRate,
+    keras.optimizers.Optimizer,
+):
     """Adam, a drop-in for `keras.optimizers.Adam`, fused and exact.
 
     Same arguments, defaults and numbers as `keras.optimizers.Adam` (Keras 3),
@@ -115,26 +121,31 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         **kwargs,
     ):
         # Every check runs before the base class creates any variable.
+        # Keras 2's `decay` is ignored with Keras 3's warning; any other
+        # unknown argument raises Keras 3's error, with ours after it.
+        if kwargs.pop("decay", None) is not None:
+            warnings.warn(
+                "Argument `decay` is no longer supported and will be ignored.",
+                stacklevel=2,
+            )
         if kwargs:
             raise ValueError(
+                f"Argument(s) not recognized: {kwargs}. "
                 f"{type(self).__name__} got unknown argument(s): "
-                f"{sorted(kwargs)} (values {kwargs}).")
-        values = hyperparams.check_arguments(dict(
-            learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
-            epsilon=epsilon, weight_decay=weight_decay, amsgrad=amsgrad,
-            clipnorm=clipnorm, clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm, use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            jit_compile=jit_compile))
+                f"{sorted(kwargs)}."
+            )
+        # The hyperparameter arguments, checked as the table says.
+        values = hyperparams.check_arguments(
+            {k: v for k, v in locals().items() if k in hyperparams.TABLE}
+        )
         placement = placement_lib.placement_for(mesh)
-        base_names = [h.name for h in hyperparams.TABLE.values()
-                      if h.in_base_config]
+        base_names = [
+            h.name for h in hyperparams.TABLE.values() if h.in_base_config
+        ]
         user_rate = values["learning_rate"]
         values["learning_rate"] = learning_rate_lib.base_class_rate(
-            user_rate, placement)
+            user_rate, placement
+        )
         super().__init__(name=name, **{k: values[k] for k in base_names})
         for name_ in hyperparams.EXTRA_CONFIG:
             setattr(self, name_, values[name_])
@@ -147,14 +158,6 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         scalars += self._init_learning_rate(user_rate)
         placement.adopt_scalars(scalars)
         self._hyperparameters_checked = True
-
-    def __setattr__(self, name, value):
-        """Checks a hyperparameter assigned after construction as the
-        constructor does (see `hyperparams.check_assignment`)."""
-        if (name in hyperparams.TABLE and name != "learning_rate"
-                and getattr(self, "_hyperparameters_checked", False)):
-            value = hyperparams.check_assignment(self, name, value)
-        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------
     # Variables.
@@ -186,7 +189,8 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
             self._placement.check_variable(variable)
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
-            slots.adam_slots(self, var_list, self.amsgrad))
+            slots.adam_slots(self, var_list, self.amsgrad)
+        )
         self._build_decay_mask(var_list)
 
     # ------------------------------------------------------------------
@@ -231,7 +235,8 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
             if not self.built:
                 raise ValueError(
                     "When `trainable_variables` is omitted the optimizer must "
-                    "already be built; call `optimizer.build(variables)`.")
+                    "already be built; call `optimizer.build(variables)`."
+                )
             trainable_variables = _keras_compat.built_variables(self)
         trainable_variables = list(trainable_variables)
         if len(grads) != len(trainable_variables):
@@ -239,16 +244,22 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
                 f"Received {len(grads)} gradients for "
                 f"{len(trainable_variables)} variables; they must pair one to "
                 "one. Variables: "
-                f"{[validation.variable_name(v) for v in trainable_variables]}")
+                f"{[validation.variable_name(v) for v in trainable_variables]}"
+            )
         if not grads:
             return
         call_checks.check_created_in_strategy_scope(
-            [_keras_compat.iterations_variable(self)] + trainable_variables)
+            [_keras_compat.iterations_variable(self)] + trainable_variables
+        )
         present, missing = call_checks.check_pairs(
-            grads, trainable_variables, placement=self._placement,
+            grads,
+            trainable_variables,
+            placement=self._placement,
             is_known=(lambda v: _keras_compat.is_built_variable(self, v))
-            if self.built else None,
-            optimizer_name=self.name)
+            if self.built
+            else None,
+            optimizer_name=self.name,
+        )
         if aggregate:
             present = self.aggregate_gradients(present)
         hyper = self._hyperparameters()
@@ -258,31 +269,22 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
             warnings.warn(
                 f"{self.name}: no gradient for variables {missing}; they are "
                 "not updated in this step.",
-                stacklevel=2)
-        indices = tuple(_keras_compat.variable_index(self, v)
-                        for _, v in present)
+                stacklevel=2,
+            )
+        indices = tuple(
+            _keras_compat.variable_index(self, v) for _, v in present
+        )
         call_checks.check_accumulation_window(
-            trainable_variables, _keras_compat.built_variables(self),
-            self.gradient_accumulation_steps, self.name)
+            trainable_variables,
+            _keras_compat.built_variables(self),
+            self.gradient_accumulation_steps,
+            self.name,
+        )
         gradients = [self._placement.place_gradient(g, v) for g, v in present]
-        counter = call_checks.check_step_counter(validation.tf_variable(
-            _keras_compat.iterations_variable(self)))
+        counter = call_checks.check_step_counter(
+            validation.tf_variable(_keras_compat.iterations_variable(self))
+        )
         self._run(step.apply_step, gradients, indices, hyper, [counter])
-
-    def _build_in_cross_replica_context(self, variables):
-        """Builds on first use, also from a replica context inside a
-        `tf.function` (where Keras 3 fails): slots are made once, eagerly,
-        in the strategy's scope."""
-
-        def build(*_):
-            with tf.init_scope(), keras.name_scope(self.name, caller=self):
-                self.build(variables)
-
-        replica_context = tf.distribute.get_replica_context()
-        if tf.distribute.has_strategy() and replica_context is not None:
-            replica_context.merge_call(build)
-        else:
-            build()
 
     def update_step(self, gradient, variable, learning_rate):
         """Updates one variable: the single-variable path of the formula.
@@ -308,17 +310,22 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         """
         call_checks.check_variable(variable)
         if not self.built or not _keras_compat.is_built_variable(
-                self, variable):
+            self, variable
+        ):
             raise ValueError(
                 f"Unknown variable {validation.variable_name(variable)!r}: "
                 f"optimizer {self.name!r} was not built with it; call "
-                "`optimizer.build(variables)` first.")
+                "`optimizer.build(variables)` first."
+            )
         call_checks.check_gradient(gradient, variable)
         gradient = call_checks.check_sparse_indices(gradient, variable)
         index = _keras_compat.variable_index(self, variable)
-        self._run(step.update_one,
-                  [self._placement.place_gradient(gradient, variable)],
-                  (index,), self._hyperparameters(learning_rate))
+        self._run(
+            step.update_one,
+            [self._placement.place_gradient(gradient, variable)],
+            (index,),
+            self._hyperparameters(learning_rate),
+        )
 
     def finalize_variable_values(self, var_list):
         """With `use_ema`, overwrites `var_list` with their moving averages.
@@ -336,38 +343,37 @@ class Adam(keras2_api.Keras2API, state_io.StateIO, slots.Slots,
         >>> opt.finalize_variable_values([w])
         """
         if self.use_ema and self.built:
-            indices = tuple(_keras_compat.variable_index(self, v)
-                            for v in var_list)
+            indices = tuple(
+                _keras_compat.variable_index(self, v) for v in var_list
+            )
             # A copy: nothing for XLA to fuse, and an eager XLA call cannot
             # reach a strategy's other replicas from the caller's device.
             self._programs.value.run(
-                step.copy_averages, False, [], indices, self._state(), {},
-                self._step_config())
+                step.copy_averages,
+                False,
+                [],
+                indices,
+                self._state(),
+                {},
+                self._step_config(),
+            )
 
     def _run(self, function, gradients, indices, hyper, guards=()):
         """Runs a step function on the optimizer's state (see
         `execution.Programs.run`)."""
         self._programs.value.run(
-            function, self.jit_compile, gradients, indices, self._state(),
-            self._placement.place_scalars(hyper), self._step_config(),
-            guards)
+            function,
+            self.jit_compile,
+            gradients,
+            indices,
+            self._state(),
+            self._placement.place_scalars(hyper),
+            self._step_config(),
+            guards,
+        )
 
     # ------------------------------------------------------------------
     # Hyperparameters and configuration.
-
-    def get_config(self):
-        """Returns the constructor arguments as a serializable dict.
-
-        Example:
-
-        >>> keras_adamw.AdamW().get_config()["weight_decay"]
-        0.004
-        """
-        config = super().get_config()
-        config.update({name: getattr(self, name)
-                       for name in hyperparams.EXTRA_CONFIG})
-        config.update(self._placement.get_config())
-        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -413,16 +419,14 @@ class AdamW(Adam):
     ):
         if weight_decay is None:
             raise ValueError(
-                "Argument `weight_decay` of AdamW must be a non-negative "
-                "float. Received: weight_decay=None (use keras_adamw.Adam "
-                "for no weight decay).")
-        super().__init__(
-            learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
-            epsilon=epsilon, amsgrad=amsgrad, weight_decay=weight_decay,
-            clipnorm=clipnorm, clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm, use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            jit_compile=jit_compile, mesh=mesh, name=name, **kwargs)
+                "Argument `weight_decay` must be a float. Received: "
+                "weight_decay=None. AdamW needs a non-negative weight "
+                "decay; use keras_adamw.Adam for none."
+            )
+        # Every named argument, as given, to Adam (the same names).
+        arguments = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("self", "kwargs", "__class__")
+        }
+        super().__init__(**arguments, **kwargs)

@@ -37,8 +37,9 @@ class Placement(typing.Protocol):
         """Moves scalar optimizer variables the Keras base class made (step
         counter, learning rate) to this placement."""
 
-    def add_variable(self, optimizer, shape, initializer, dtype, aggregation,
-                     layout, name):
+    def add_variable(
+        self, optimizer, shape, initializer, dtype, aggregation, layout, name
+    ):
         """Makes (and tracks on `optimizer`) one optimizer variable."""
 
     def add_slot(self, optimizer, reference, shape, initializer, name):
@@ -89,30 +90,36 @@ class LocalPlacement:
     def adopt_scalars(self, variables):
         del variables  # Keras made them where they belong.
 
-    def add_variable(self, optimizer, shape, initializer, dtype, aggregation,
-                     layout, name):
+    def add_variable(
+        self, optimizer, shape, initializer, dtype, aggregation, layout, name
+    ):
         return _keras_compat.base_add_variable(
-            optimizer, shape, initializer, dtype, aggregation, layout, name)
+            optimizer, shape, initializer, dtype, aggregation, layout, name
+        )
 
     def add_slot(self, optimizer, reference, shape, initializer, name):
         if shape is None:
             return keras_add_variable_from_reference(
-                optimizer, reference, name, initializer)
+                optimizer, reference, name, initializer
+            )
         return optimizer.add_variable(
-            shape=shape, initializer=initializer, dtype=reference.dtype,
-            name=slot_name(reference, name))
+            shape=shape,
+            initializer=initializer,
+            dtype=reference.dtype,
+            name=slot_name(reference, name),
+        )
 
     def make_scalar(self, value, dtype, name):
         with tf.init_scope():
-            return tf.Variable(value, dtype=dtype, trainable=False,
-                               name=name)
+            return tf.Variable(value, dtype=dtype, trainable=False, name=name)
 
     def check_variable(self, variable):
         del variable  # Any floating variable (checked by validation).
 
     def place_gradient(self, gradient, variable):
         return adam_math.densify(
-            gradient, adam_math.compute_dtype(variable.dtype))
+            gradient, adam_math.compute_dtype(variable.dtype)
+        )
 
     def place_scalars(self, scalars):
         return scalars
@@ -127,12 +134,12 @@ class LocalPlacement:
         return {}
 
 
-def keras_add_variable_from_reference(optimizer, reference, name,
-                                      initializer):
+def keras_add_variable_from_reference(optimizer, reference, name, initializer):
     """Keras' own `add_variable_from_reference` (which colocates the slot
     with its variable under a `tf.distribute` strategy)."""
     return keras.optimizers.Optimizer.add_variable_from_reference(
-        optimizer, reference, name=name, initializer=initializer)
+        optimizer, reference, name=name, initializer=initializer
+    )
 
 
 def slot_name(reference, name):
@@ -175,9 +182,15 @@ def placement_for(mesh):
     if _mesh_placement_factory is None:
         raise ValueError(
             "Argument `mesh` needs keras_adamw's DTensor support: "
-            "`import keras_adamw.dtensor` first. Received: mesh={mesh!r}")
+            "`import keras_adamw.dtensor` first. Received: mesh={mesh!r}"
+        )
     return _mesh_placement_factory(mesh)
 
 
-__all__ = ["Placement", "LocalPlacement", "placement_for",
-           "register_mesh_placement", "slot_name"]
+__all__ = [
+    "Placement",
+    "LocalPlacement",
+    "placement_for",
+    "register_mesh_placement",
+    "slot_name",
+]

@@ -9,6 +9,9 @@ order is Keras' (slots interleaved per variable, in build order), so
 business (`keras_adamw.placement`).
 """
 
+import keras
+import tensorflow as tf
+
 ADAM_SLOTS = ("momentum", "velocity")
 AMSGRAD_SLOT = "velocity_hat"
 
@@ -31,8 +34,9 @@ def add_slots(optimizer, variables, names):
     slots = tuple([] for _ in names)
     for variable in variables:
         for slot_list, name in zip(slots, names):
-            slot_list.append(optimizer.add_variable_from_reference(
-                variable, name=name))
+            slot_list.append(
+                optimizer.add_variable_from_reference(variable, name=name)
+            )
     return slots
 
 
@@ -82,11 +86,22 @@ class Slots:
         ()
         """
         return self._placement.add_slot(
-            self, reference_variable, None if shape is None else tuple(shape),
-            initializer, name)
+            self,
+            reference_variable,
+            None if shape is None else tuple(shape),
+            initializer,
+            name,
+        )
 
-    def add_variable(self, shape, initializer="zeros", dtype=None,
-                     aggregation="none", layout=None, name=None):
+    def add_variable(
+        self,
+        shape,
+        initializer="zeros",
+        dtype=None,
+        aggregation="none",
+        layout=None,
+        name=None,
+    ):
         """Adds an optimizer variable.
 
         Overrides Keras to make it through the optimizer's placement (a
@@ -109,4 +124,20 @@ class Slots:
         (2,)
         """
         return self._placement.add_variable(
-            self, shape, initializer, dtype, aggregation, layout, name)
+            self, shape, initializer, dtype, aggregation, layout, name
+        )
+
+    def _build_in_cross_replica_context(self, variables):
+        """Builds on first use, also from a replica context inside a
+        `tf.function` (where Keras 3 fails): slots are made once, eagerly,
+        in the strategy's scope."""
+
+        def build(*_):
+            with tf.init_scope(), keras.name_scope(self.name, caller=self):
+                self.build(variables)
+
+        replica_context = tf.distribute.get_replica_context()
+        if tf.distribute.has_strategy() and replica_context is not None:
+            replica_context.merge_call(build)
+        else:
+            build()

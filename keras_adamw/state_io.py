@@ -39,12 +39,14 @@ class StateIO:
         if not self.built:
             raise ValueError(
                 f"Optimizer {self.name!r} is not built; call "
-                "`optimizer.build(variables)` before `set_weights()`.")
+                "`optimizer.build(variables)` before `set_weights()`."
+            )
         weights = list(weights)
         if len(weights) != len(self.variables):
             raise ValueError(
                 f"Optimizer {self.name!r} has {len(self.variables)} variables "
-                f"but `set_weights` received {len(weights)} arrays.")
+                f"but `set_weights` received {len(weights)} arrays."
+            )
         check_entries(self.variables, weights, "the array")
         for variable, weight in zip(self.variables, weights):
             self._placement.assign(variable, weight)
@@ -86,7 +88,8 @@ class StateIO:
                 f"Skipping variable loading for optimizer {self.name!r}: it "
                 f"has {len(self.variables)} variables but the store has "
                 f"{len(store.keys())}.",
-                stacklevel=2)
+                stacklevel=2,
+            )
             return
         values = [store[str(i)] for i in range(len(self.variables))]
         check_entries(self.variables, values, "the saved value")
@@ -109,7 +112,8 @@ def check_entries(variables, values, what):
     ...               [np.float32("nan")], "the array")
     Traceback (most recent call last):
     ...
-    ValueError: Optimizer variable 'learning_rate:0' would get a non-finite value (nan) from the array.
+    ValueError: Optimizer variable 'learning_rate:0' would get a non-finite
+    value (nan) from the array.
     """
     for variable, value in zip(variables, values):
         value = np.asarray(value)
@@ -118,16 +122,22 @@ def check_entries(variables, values, what):
             raise ValueError(
                 f"Optimizer variable {name!r} has shape "
                 f"{tuple(variable.shape)} but {what} for it has shape "
-                f"{value.shape}.")
+                f"{value.shape}."
+            )
         # Numbers only; no fraction for the integer step counter ("V" is
         # ml_dtypes' bfloat16).
         accepted = "fiuV" if tf.as_dtype(variable.dtype).is_floating else "iu"
         if value.dtype.kind not in accepted:
             raise ValueError(
                 f"Optimizer variable {name!r} has dtype {variable.dtype} but "
-                f"{what} for it has dtype {value.dtype}.")
-        if value.ndim == 0 and value.dtype.kind == "f" and not np.isfinite(
-                value.astype(np.float64)):
+                f"{what} for it has dtype {value.dtype}."
+            )
+        if (
+            value.ndim == 0
+            and value.dtype.kind == "f"
+            and not np.isfinite(value.astype(np.float64))
+        ):
             raise ValueError(
                 f"Optimizer variable {name!r} would get a non-finite value "
-                f"({value}) from {what}.")
+                f"({value}) from {what}."
+            )

@@ -21,8 +21,15 @@ from keras_adamw import adam_math
 
 State = collections.namedtuple(
     "State",
-    ["iterations", "variables", "momentums", "velocities", "velocity_hats",
-     "averages", "accumulators"],
+    [
+        "iterations",
+        "variables",
+        "momentums",
+        "velocities",
+        "velocity_hats",
+        "averages",
+        "accumulators",
+    ],
 )
 State.__doc__ = """The variables one step reads and writes.
 
@@ -33,9 +40,19 @@ when amsgrad, EMA or gradient accumulation is off.
 
 StepConfig = collections.namedtuple(
     "StepConfig",
-    ["amsgrad", "clipnorm", "clipvalue", "global_clipnorm",
-     "loss_scale_factor", "gradient_accumulation_steps", "use_ema",
-     "ema_momentum", "ema_overwrite_frequency", "decays", "constraints"],
+    [
+        "amsgrad",
+        "clipnorm",
+        "clipvalue",
+        "global_clipnorm",
+        "loss_scale_factor",
+        "gradient_accumulation_steps",
+        "use_ema",
+        "ema_momentum",
+        "ema_overwrite_frequency",
+        "decays",
+        "constraints",
+    ],
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
@@ -87,8 +104,10 @@ def apply_step(gradients, indices, state, hyper, config):
         accumulators = [state.accumulators[i] for i in indices]
 
         def update():
-            mean = [(g + _read(a, g.dtype)) / steps
-                    for g, a in zip(gradients, accumulators)]
+            mean = [
+                (g + _read(a, g.dtype)) / steps
+                for g, a in zip(gradients, accumulators)
+            ]
             real_step(mean, indices, state, hyper, config)
             # Keras resets every accumulator, also those without a gradient
             # in this call: a window's leftovers never leak into the next.
@@ -99,8 +118,9 @@ def apply_step(gradients, indices, state, hyper, config):
             for g, a in zip(gradients, accumulators):
                 _store(a, _read(a, g.dtype) + g)
 
-        tf.cond(tf.equal((state.iterations + 1) % steps, 0), update,
-                accumulate)
+        tf.cond(
+            tf.equal((state.iterations + 1) % steps, 0), update, accumulate
+        )
     else:
         real_step(gradients, indices, state, hyper, config)
 
@@ -114,7 +134,8 @@ def apply_step(gradients, indices, state, hyper, config):
 def real_step(gradients, indices, state, hyper, config):
     """A real step: clip, update each variable, then move the EMA."""
     gradients = adam_math.clip_gradients(
-        gradients, config.clipnorm, config.clipvalue, config.global_clipnorm)
+        gradients, config.clipnorm, config.clipvalue, config.global_clipnorm
+    )
     real_index = real_iterations(state.iterations, config)
     for gradient, index in zip(gradients, indices):
         update_variable(gradient, index, real_index + 1, state, hyper, config)
@@ -156,24 +177,37 @@ def update_moving_average(real_index, state, config):
     for variable, average in zip(state.variables, state.averages):
         dtype = adam_math.compute_dtype(variable.dtype)
         momentum = tf.cast(tf.not_equal(real_index, 0), dtype) * (
-            adam_math.as_scalar(config.ema_momentum, dtype))
-        _store(average, adam_math.ema_update(
-            _read(average, dtype), _read(variable, dtype), momentum))
+            adam_math.as_scalar(config.ema_momentum, dtype)
+        )
+        _store(
+            average,
+            adam_math.ema_update(
+                _read(average, dtype), _read(variable, dtype), momentum
+            ),
+        )
     frequency = config.ema_overwrite_frequency
     if frequency:
-        tf.cond(tf.equal((real_index + 1) % frequency, 0),
-                lambda: copy_averages(
-                    (), range(len(state.variables)), state, None, None),
-                lambda: None)
+        tf.cond(
+            tf.equal((real_index + 1) % frequency, 0),
+            lambda: copy_averages(
+                (), range(len(state.variables)), state, None, None
+            ),
+            lambda: None,
+        )
 
 
 def update_one(gradients, indices, state, hyper, config):
     """Applies the whole AdamW step to the one variable `indices[0]`
     (weight decay included), without clipping, EMA or counting the call."""
     (gradient,), (index,) = gradients, indices
-    update_variable(gradient, index, real_iterations(state.iterations,
-                                                     config) + 1,
-                    state, hyper, config)
+    update_variable(
+        gradient,
+        index,
+        real_iterations(state.iterations, config) + 1,
+        state,
+        hyper,
+        config,
+    )
 
 
 def copy_averages(gradients, indices, state, hyper, config):
@@ -181,5 +215,6 @@ def copy_averages(gradients, indices, state, hyper, config):
     `hyper` and `config` are unused)."""
     del gradients, hyper, config
     for index in indices:
-        _store(state.variables[index],
-               tf.convert_to_tensor(state.averages[index]))
+        _store(
+            state.variables[index], tf.convert_to_tensor(state.averages[index])
+        )

@@ -22,38 +22,50 @@ class StepInputs:
         """The scalar tensors of this step (see `hyperparams.step_tensors`),
         evaluated in the caller's context, so that a schedule, callable or
         changed attribute is seen at every step."""
-        values = {h.name: getattr(self, h.name)
-                  for h in hyperparams.TABLE.values() if h.in_step}
+        values = {
+            h.name: getattr(self, h.name)
+            for h in hyperparams.TABLE.values()
+            if h.in_step
+        }
         exact = self._exact_learning_rate.value
         if learning_rate is not None:
             values["learning_rate"] = learning_rate
         elif exact is not None:
             values["learning_rate"] = hyperparams.exact_rate(
-                values["learning_rate"], exact)
-        computed = not isinstance(_keras_compat.learning_rate_value(self),
-                                  (keras.Variable, tf.Variable))
+                values["learning_rate"], exact
+            )
+        computed = not isinstance(
+            _keras_compat.learning_rate_value(self),
+            (keras.Variable, tf.Variable),
+        )
         return hyperparams.step_tensors(values, computed)
 
     def _state(self):
         """The variables a step reads and writes, as a `step.State`."""
 
         def tf_variables(variables):
-            return None if variables is None else [
-                validation.tf_variable(v) for v in variables]
+            return (
+                None
+                if variables is None
+                else [validation.tf_variable(v) for v in variables]
+            )
 
         return step.State(
             iterations=validation.tf_variable(
-                _keras_compat.iterations_variable(self)),
+                _keras_compat.iterations_variable(self)
+            ),
             variables=tf_variables(_keras_compat.built_variables(self)),
             momentums=tf_variables(self._momentums),
             velocities=tf_variables(self._velocities),
             velocity_hats=tf_variables(self._velocity_hats),
             averages=tf_variables(
-                _keras_compat.moving_averages(self) if self.use_ema
-                else None),
+                _keras_compat.moving_averages(self) if self.use_ema else None
+            ),
             accumulators=tf_variables(
                 _keras_compat.gradient_accumulators(self)
-                if self.gradient_accumulation_steps else None),
+                if self.gradient_accumulation_steps
+                else None
+            ),
         )
 
     def _step_config(self):
@@ -74,5 +86,6 @@ class StepInputs:
             ema_overwrite_frequency=self.ema_overwrite_frequency,
             decays=decays,
             constraints=tuple(
-                getattr(v, "constraint", None) for v in variables),
+                getattr(v, "constraint", None) for v in variables
+            ),
         )

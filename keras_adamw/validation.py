@@ -42,8 +42,16 @@ def _constant_value(name, value):
     return None
 
 
-def check_number(name, value, *, low=None, high=None, high_open=False,
-                 allow_callable=False, allow_tensor=False):
+def check_number(
+    name,
+    value,
+    *,
+    low=None,
+    high=None,
+    high_open=False,
+    allow_callable=False,
+    allow_tensor=False,
+):
     """Checks that `value` is a finite real number in `[low, high]`.
 
     Args:
@@ -63,8 +71,10 @@ def check_number(name, value, *, low=None, high=None, high_open=False,
     >>> check_number("epsilon", 1e-7, low=0.0)
     1e-07
     """
-    if allow_callable and callable(value) and not isinstance(
-        value, (tf.Tensor, tf.Variable)
+    if (
+        allow_callable
+        and callable(value)
+        and not isinstance(value, (tf.Tensor, tf.Variable))
     ):
         return value
     is_tensor = isinstance(value, (tf.Tensor, tf.Variable, np.ndarray))
@@ -88,8 +98,10 @@ def check_number(name, value, *, low=None, high=None, high_open=False,
         if (
             not math.isfinite(number)
             or (low is not None and number < low)
-            or (high is not None and (number > high
-                                      or (high_open and number == high)))
+            or (
+                high is not None
+                and (number > high or (high_open and number == high))
+            )
         ):
             raise ValueError(
                 f"Argument `{name}` must be a finite number in {interval}. "
@@ -100,8 +112,9 @@ def check_number(name, value, *, low=None, high=None, high_open=False,
     return number
 
 
-def check_tensor_in_range(name, value, *, low=None, high=None,
-                          high_open=False):
+def check_tensor_in_range(
+    name, value, *, low=None, high=None, high_open=False
+):
     """Checks a hyperparameter computed at run time (by a callable or a
     schedule). A value known now (eager, or constant) raises `ValueError`
     at once; a symbolic one gets an assertion that fails when it runs,
@@ -118,19 +131,27 @@ def check_tensor_in_range(name, value, *, low=None, high=None,
     """
     static = tf.get_static_value(value)
     if static is not None:
-        check_number(name, float(static), low=low, high=high,
-                     high_open=high_open)
+        check_number(
+            name, float(static), low=low, high=high, high_open=high_open
+        )
         return value
     message = f"`{name}` computed at run time is out of range"
     checks = [tf.debugging.assert_all_finite(value, message)]
     if low is not None:
-        checks.append(tf.debugging.assert_greater_equal(
-            value, tf.cast(low, value.dtype), message=message))
+        checks.append(
+            tf.debugging.assert_greater_equal(
+                value, tf.cast(low, value.dtype), message=message
+            )
+        )
     if high is not None:
-        compare = (tf.debugging.assert_less if high_open
-                   else tf.debugging.assert_less_equal)
-        checks.append(compare(value, tf.cast(high, value.dtype),
-                              message=message))
+        compare = (
+            tf.debugging.assert_less
+            if high_open
+            else tf.debugging.assert_less_equal
+        )
+        checks.append(
+            compare(value, tf.cast(high, value.dtype), message=message)
+        )
     with tf.control_dependencies(checks):
         return tf.identity(value)
 
@@ -154,12 +175,16 @@ def check_learning_rate(value):
         if value.shape.rank != 0 or not value.dtype.is_floating:
             raise TypeError(
                 "Argument `learning_rate` given as a tf.Variable must be a "
-                f"floating scalar. Received: learning_rate={value!r}")
+                f"floating scalar. Received: learning_rate={value!r}"
+            )
         if tf.executing_eagerly():
             check_number("learning_rate", float(value.numpy()), low=0.0)
         return value
     value = check_number(
-        "learning_rate", value, low=0.0, allow_callable=True,
+        "learning_rate",
+        value,
+        low=0.0,
+        allow_callable=True,
         allow_tensor=True,
     )
     if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray)):

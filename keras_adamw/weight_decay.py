@@ -27,14 +27,16 @@ class Exclusions:
         if isinstance(var_names, str):
             raise TypeError(
                 "Argument `var_names` must be a list of strings. Received "
-                f"the string var_names={var_names!r}; pass [{var_names!r}].")
+                f"the string var_names={var_names!r}; pass [{var_names!r}]."
+            )
         var_names = list(var_names or [])
         for pattern in var_names:
             if not isinstance(pattern, str):
                 raise TypeError(
                     "Argument `var_names` must be a list of strings. "
                     f"Received the element {pattern!r} in "
-                    f"var_names={var_names!r}")
+                    f"var_names={var_names!r}"
+                )
         self.keys = frozenset(keys)
         self.pattern = re.compile("|".join(var_names)) if var_names else None
 
@@ -51,7 +53,6 @@ class Exclusions:
         """One bool per variable: whether it gets weight decay.
         `key(variable)` computes the keys given to the constructor."""
         return tuple(not self.excludes(v, key(v)) for v in variables)
-
 
 
 class WeightDecayExclusion:
@@ -83,14 +84,18 @@ class WeightDecayExclusion:
             raise ValueError(
                 "`exclude_from_weight_decay()` must be called before the "
                 f"optimizer is built; {self.name!r} is already built on "
-                f"{len(_keras_compat.built_variables(self))} variables.")
+                f"{len(_keras_compat.built_variables(self))} variables."
+            )
         self._exclusions = Exclusions(
-            keys=[_keras_compat.variable_key(self, v)
-                  for v in (var_list or [])],
-            var_names=var_names)
+            keys=[
+                _keras_compat.variable_key(self, v) for v in (var_list or [])
+            ],
+            var_names=var_names,
+        )
 
     def _build_decay_mask(self, variables):
         """Whether each of `variables` gets weight decay; computed once, when
         the optimizer is built."""
         self._decay_mask = self._exclusions.mask(
-            variables, key=lambda v: _keras_compat.variable_key(self, v))
+            variables, key=lambda v: _keras_compat.variable_key(self, v)
+        )

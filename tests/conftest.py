@@ -17,12 +17,15 @@ def _train_table(optimizer, steps, sparse, rows=6, dim=3, init=None):
     table = keras.Variable(init, dtype="float32", name="table")
     for indices, values in steps:
         if sparse:
-            gradient = tf.IndexedSlices(tf.constant(values, tf.float32),
-                                        tf.constant(indices),
-                                        tf.constant([rows, dim]))
+            gradient = tf.IndexedSlices(
+                tf.constant(values, tf.float32),
+                tf.constant(indices),
+                tf.constant([rows, dim]),
+            )
         else:
-            gradient = tf.constant(dense_from_sparse(indices, values, rows),
-                                   tf.float32)
+            gradient = tf.constant(
+                dense_from_sparse(indices, values, rows), tf.float32
+            )
         optimizer.apply([gradient], [table])
     return table.numpy().astype(np.float64)
 

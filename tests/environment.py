@@ -22,4 +22,5 @@ def use_logical_cpus(count):
 
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * count)
+        [tf.config.LogicalDeviceConfiguration()] * count,
+    )

@@ -42,16 +42,23 @@ def dense_cases(out):
             for dtype in ("float32", "float64"):
                 for jit in (True, False):
                     optimizer = cls(jit_compile=jit, **kwargs)
-                    variables = [keras.Variable(w, dtype=dtype, name=n)
-                                 for w, n in zip(init, test_numerics.NAMES)]
+                    variables = [
+                        keras.Variable(w, dtype=dtype, name=n)
+                        for w, n in zip(init, test_numerics.NAMES)
+                    ]
                     for step_grads in grads:
                         optimizer.apply(
                             [tf.constant(g, dtype=dtype) for g in step_grads],
-                            variables)
+                            variables,
+                        )
                     if kwargs.get("use_ema"):
                         optimizer.finalize_variable_values(variables)
-                    _record(out, f"{class_name}/{config}/{dtype}/{jit}",
-                            optimizer, variables)
+                    _record(
+                        out,
+                        f"{class_name}/{config}/{dtype}/{jit}",
+                        optimizer,
+                        variables,
+                    )
 
 
 def sparse_and_single_cases(out):
@@ -64,7 +71,9 @@ def sparse_and_single_cases(out):
             for _ in range(5):
                 grad = tf.IndexedSlices(
                     tf.constant(rng.randn(6, 3), dtype),
-                    tf.constant([1, 2, 2, 5, 1, 1]), tf.constant([6, 3]))
+                    tf.constant([1, 2, 2, 5, 1, 1]),
+                    tf.constant([6, 3]),
+                )
                 optimizer.apply([grad], [table])
             _record(out, f"sparse/{dtype}/{jit}", optimizer, [table])
 
@@ -74,8 +83,9 @@ def sparse_and_single_cases(out):
         weight = keras.Variable(init, dtype=dtype, name="w")
         optimizer.build([weight])
         for _ in range(3):
-            optimizer.update_step(tf.constant(rng.randn(6, 3), dtype), weight,
-                                  0.01)
+            optimizer.update_step(
+                tf.constant(rng.randn(6, 3), dtype), weight, 0.01
+            )
         _record(out, f"update_step/{dtype}", optimizer, [weight])
 
 

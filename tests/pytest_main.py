@@ -1,6 +1,6 @@
 """Entry point of the Bazel `py_test` targets: runs pytest on the given files.
 
-    bazel test //:test_numerics   # runs: pytest -q tests/test_numerics.py
+bazel test //:test_numerics   # runs: pytest -q tests/test_numerics.py
 """
 
 import sys

@@ -26,16 +26,30 @@ class NumpyAdam:
     passes values the dtype holds, or their exact sum).
     """
 
-    def __init__(self, weights, learning_rate=1e-3, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-7, amsgrad=False, weight_decay=None,
-                 clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99,
-                 ema_overwrite_frequency=None, loss_scale_factor=None,
-                 gradient_accumulation_steps=None, decay_mask=None,
-                 dtype=None):
+    def __init__(
+        self,
+        weights,
+        learning_rate=1e-3,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        decay_mask=None,
+        dtype=None,
+    ):
         self.dtype = dtype
-        self.weights = [self._store(np.array(w, dtype=np.float64))
-                        for w in weights]
+        self.weights = [
+            self._store(np.array(w, dtype=np.float64)) for w in weights
+        ]
         self.momentums = [np.zeros_like(w) for w in self.weights]
         self.velocities = [np.zeros_like(w) for w in self.weights]
         self.velocity_hats = [np.zeros_like(w) for w in self.weights]
@@ -71,8 +85,12 @@ class NumpyAdam:
 
     def _clip(self, grads):
         if self.clipnorm:
-            return [g * min(1.0, self.clipnorm / np.sqrt(np.sum(g * g)))
-                    if np.sum(g * g) > 0 else g for g in grads]
+            return [
+                g * min(1.0, self.clipnorm / np.sqrt(np.sum(g * g)))
+                if np.sum(g * g) > 0
+                else g
+                for g in grads
+            ]
         if self.global_clipnorm:
             norm = np.sqrt(sum(np.sum(g * g) for g in grads))
             scale = min(1.0, self.global_clipnorm / norm)
@@ -83,23 +101,30 @@ class NumpyAdam:
 
     def step(self, grads):
         """One optimizer call with dense float64 gradients (None = absent)."""
-        grads = [None if g is None else np.asarray(g, np.float64)
-                 for g in grads]
+        grads = [
+            None if g is None else np.asarray(g, np.float64) for g in grads
+        ]
         if self.loss_scale_factor:
-            grads = [None if g is None else g / self.loss_scale_factor
-                     for g in grads]
+            grads = [
+                None if g is None else g / self.loss_scale_factor
+                for g in grads
+            ]
         present = [i for i, g in enumerate(grads) if g is not None]
         if self.accumulation:
             if (self.calls + 1) % self.accumulation == 0:
-                mean = [(grads[i] + self.accumulators[i]) / self.accumulation
-                        for i in present]
+                mean = [
+                    (grads[i] + self.accumulators[i]) / self.accumulation
+                    for i in present
+                ]
                 self._real_step(present, mean)
-                self.accumulators = [np.zeros_like(a)
-                                     for a in self.accumulators]
+                self.accumulators = [
+                    np.zeros_like(a) for a in self.accumulators
+                ]
             else:
                 for i in present:
                     self.accumulators[i] = self._store(
-                        self.accumulators[i] + grads[i])
+                        self.accumulators[i] + grads[i]
+                    )
         else:
             self._real_step(present, [grads[i] for i in present])
         self.calls += 1
@@ -122,11 +147,14 @@ class NumpyAdam:
                 v = np.maximum(self.velocity_hats[i], v)
                 self.velocity_hats[i] = self._store(v)
             self.weights[i] = self._store(
-                w - alpha * m / (np.sqrt(v) + self.epsilon))
+                w - alpha * m / (np.sqrt(v) + self.epsilon)
+            )
         if self.use_ema:
             momentum = self.ema_momentum if self.real_steps > 0 else 0.0
-            self.averages = [self._store(momentum * a + (1 - momentum) * w)
-                             for a, w in zip(self.averages, self.weights)]
+            self.averages = [
+                self._store(momentum * a + (1 - momentum) * w)
+                for a, w in zip(self.averages, self.weights)
+            ]
             freq = self.ema_overwrite_frequency
             if freq and (self.real_steps + 1) % freq == 0:
                 self.weights = [a.copy() for a in self.averages]

@@ -20,6 +20,8 @@ import keras_adamw
 from keras_adamw import _keras_compat
 
 PACKAGE = pathlib.Path(keras_adamw.__file__).parent
+# The checkout these tests are in (the package may be an installed wheel).
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in PACKAGE.glob("*.py"))
 ALL = sorted(PACKAGE.rglob("*.py"))
 
@@ -28,8 +30,15 @@ ALL = sorted(PACKAGE.rglob("*.py"))
 LAYERS = [
     {"adam_math", "_keras_compat", "validation"},
     {"hyperparams", "step", "placement", "call_checks"},
-    {"execution", "slots", "state_io", "keras2_api", "step_inputs",
-     "weight_decay", "learning_rate"},
+    {
+        "execution",
+        "slots",
+        "state_io",
+        "keras2_api",
+        "step_inputs",
+        "weight_decay",
+        "learning_rate",
+    },
     {"optimizers"},
     {"dtensor"},
     {"callbacks", "demo"},
@@ -48,7 +57,8 @@ def keras_private_names():
     """Private attributes of Keras' optimizer base class and variables (as
     built with every option the base class has)."""
     optimizer = keras.optimizers.Optimizer(
-        learning_rate=0.1, use_ema=True, gradient_accumulation_steps=2)
+        learning_rate=0.1, use_ema=True, gradient_accumulation_steps=2
+    )
     variable = keras.Variable([1.0])
     optimizer.build([variable])
     names = set(vars(optimizer)) | set(vars(variable))
@@ -85,7 +95,8 @@ def test_the_compat_module_names_the_checked_versions():
     assert _keras_compat.CHECKED_KERAS_VERSIONS[-1] == keras.__version__ or (
         _keras_compat._version_tuple(low)
         <= _keras_compat._version_tuple(keras.__version__)
-        <= _keras_compat._version_tuple(high))
+        <= _keras_compat._version_tuple(high)
+    )
     with pytest.raises(ImportError, match=f"Keras >= {low}"):
         _keras_compat.check_keras_version("3.0.0")
     with pytest.warns(UserWarning, match="checked with Keras"):
@@ -102,12 +113,15 @@ def test_core_has_no_dtensor_branch_or_import():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if any("dtensor" in n for n in imported_names(node)) and (
-                    path.name != "__init__.py"):
+                path.name != "__init__.py"
+            ):
                 offenders.append(f"{path.name}:{node.lineno} import")
             if isinstance(node, (ast.If, ast.IfExp)):
                 test = ast.unparse(node.test)
-                if any(word in test.lower() for word in
-                       ("mesh", "placement", "dvariable", "dtensor")):
+                if any(
+                    word in test.lower()
+                    for word in ("mesh", "placement", "dvariable", "dtensor")
+                ):
                     offenders.append(f"{path.name}:{node.lineno} {test}")
     assert not offenders, offenders
 
@@ -115,12 +129,14 @@ def test_core_has_no_dtensor_branch_or_import():
 def test_imports_run_down_the_layers():
     offenders = []
     for path in ALL:
-        module = ("dtensor" if path.parent.name == "dtensor"
-                  else path.stem)
+        module = "dtensor" if path.parent.name == "dtensor" else path.stem
         for node in ast.walk(ast.parse(path.read_text())):
             imported = []
-            if isinstance(node, ast.ImportFrom) and node.module and (
-                    node.module.startswith("keras_adamw")):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and (node.module.startswith("keras_adamw"))
+            ):
                 if node.module == "keras_adamw":
                     imported = [a.name for a in node.names]
                 else:
@@ -134,17 +150,18 @@ def test_imports_run_down_the_layers():
 
 
 def test_no_module_is_much_over_400_lines():
-    long = {p.name: n for p in ALL
-            if (n := len(p.read_text().splitlines())) > 440}
+    long = {
+        p.name: n for p in ALL if (n := len(p.read_text().splitlines())) > 440
+    }
     assert not long, long
 
 
 def test_dtensor_config_is_json_and_round_trips():
-    mesh = dtensor.create_mesh([("batch", 2), ("model", 2)],
-                               device_type="CPU")
+    mesh = dtensor.create_mesh([("batch", 2), ("model", 2)], device_type="CPU")
     for cls in (keras_adamw.dtensor.Adam, keras_adamw.dtensor.AdamW):
-        optimizer = cls(mesh, learning_rate=0.01, state_sharding_axis="batch",
-                        amsgrad=True)
+        optimizer = cls(
+            mesh, learning_rate=0.01, state_sharding_axis="batch", amsgrad=True
+        )
         config = json.loads(json.dumps(optimizer.get_config()))
         assert config["state_sharding_axis"] == "batch"
         again = cls.from_config(config)
@@ -152,19 +169,27 @@ def test_dtensor_config_is_json_and_round_trips():
         assert again._placement.state_sharding_axis == "batch"
         assert again.get_config() == optimizer.get_config()
         restored = keras.optimizers.deserialize(
-            json.loads(json.dumps(keras.optimizers.serialize(optimizer))))
+            json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
+        )
         assert type(restored) is cls and restored.mesh == mesh
     # The core optimizer on a mesh keeps its mesh too.
     core = keras_adamw.AdamW(mesh=mesh)
-    assert keras_adamw.AdamW.from_config(
-        json.loads(json.dumps(core.get_config()))).mesh == mesh
+    assert (
+        keras_adamw.AdamW.from_config(
+            json.loads(json.dumps(core.get_config()))
+        ).mesh
+        == mesh
+    )
 
 
 def test_setup_cfg_declares_the_supported_keras_that_ci_tests():
-    text = (PACKAGE.parent / "setup.cfg").read_text()
-    assert f"keras>={_keras_compat.SUPPORTED_KERAS[0].rsplit('.0', 1)[0]}" \
-        in text
-    assert _keras_compat.CHECKED_KERAS_VERSIONS[0] == (
-        _keras_compat.SUPPORTED_KERAS[0])
-    ci = (PACKAGE.parent / ".ci" / "run").read_text()
+    text = (ROOT / "setup.cfg").read_text()
+    assert (
+        f"keras>={_keras_compat.SUPPORTED_KERAS[0].rsplit('.0', 1)[0]}" in text
+    )
+    assert (
+        _keras_compat.CHECKED_KERAS_VERSIONS[0]
+        == (_keras_compat.SUPPORTED_KERAS[0])
+    )
+    ci = (ROOT / ".ci" / "run").read_text()
     assert "keras>=" in ci and "min_keras" in ci

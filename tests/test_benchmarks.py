@@ -67,28 +67,38 @@ def test_sweep_sizes_parse(workloads):
 
 def timed(label, median):
     # Ten samples around `median`: the median of the samples is `median`.
-    times = [median * f for f in (0.9, 0.95, 0.97, 0.99, 1.0, 1.0, 1.01,
-                                  1.03, 1.05, 1.2)]
-    return {"label": label, "times": times, "first_call": 1.0,
-            "steps_per_repeat": 1}
+    times = [
+        median * f
+        for f in (0.9, 0.95, 0.97, 0.99, 1.0, 1.0, 1.01, 1.03, 1.05, 1.2)
+    ]
+    return {
+        "label": label,
+        "times": times,
+        "first_call": 1.0,
+        "steps_per_repeat": 1,
+    }
 
 
 def test_report_ratios_floor_and_target_verdicts(report):
     shapes = [(1_000_000,)] * 10  # 10M float32 parameters
     results = {
         "keras_adamw_xla_tf_function": timed("ours", 0.010),
-        "keras": timed("keras op by op", 0.050),     # 5x: met
-        "keras_xla": timed("keras XLA", 0.012),      # 1.2x: missed
+        "keras": timed("keras op by op", 0.050),  # 5x: met
+        "keras_xla": timed("keras XLA", 0.012),  # 1.2x: missed
         "torch_fused": timed("torch fused", 0.009),  # 0.9x: missed
         "floor_xla": timed("flat XLA", 0.0085),
         "floor_torch": timed("flat torch", 0.0070),  # the floor
         "optax": {"label": "optax", "skipped": "jax is not installed"},
     }
-    lines, medians = report.part_report(shapes, results, "float32",
-                                        per_parameter=True)
+    lines, medians = report.part_report(
+        shapes, results, "float32", per_parameter=True
+    )
     text = "\n".join(lines)
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
-            for line in lines if line.startswith("| ") and " | " in line}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")
+        for line in lines
+        if line.startswith("| ") and " | " in line
+    }
     # Columns: name, median ms, p10-p90, IQR, ns/param, first call,
     # x keras_adamw XLA, x floor.
     assert rows["ours"][1] == "10.000"
@@ -100,10 +110,14 @@ def test_report_ratios_floor_and_target_verdicts(report):
     assert "28 B/param at 40.0 GB/s (flat torch)" in text
     assert "- flat XLA: 8.500 ms" in text
     assert "skipped optax [optax]: jax is not installed" in text
-    assert "at least 4x faster than keras.optimizers.AdamW without XLA: " \
-           "5.00x -> met" in text
-    assert "at least 1.3x faster than keras.optimizers.AdamW under XLA: " \
-           "1.20x -> MISSED" in text
+    assert (
+        "at least 4x faster than keras.optimizers.AdamW without XLA: "
+        "5.00x -> met" in text
+    )
+    assert (
+        "at least 1.3x faster than keras.optimizers.AdamW under XLA: "
+        "1.20x -> MISSED" in text
+    )
     assert "no slower than torch fused: 0.90x -> MISSED" in text
     assert "within 1.25x of the floor: 1.43x the floor -> MISSED" in text
     assert medians["ours"] == pytest.approx(0.010)
@@ -111,69 +125,120 @@ def test_report_ratios_floor_and_target_verdicts(report):
 
 def run_script(args, timeout):
     completed = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=timeout)
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
 
 
 def test_optimizer_step_runs_and_reports_every_implementation():
-    out = run_script([
-        "benchmarks/optimizer_step.py", "--workload=sweep",
-        "--sweep_sizes=20k", "--sweep_variables=3",
-        "--implementations=keras_adamw_xla_tf_function,keras_adamw_noxla,"
-        "keras,keras_xla,torch_fused,floor_xla",
-        "--repeats=2", "--warmup=1", "--steps_per_repeat=2"], timeout=300)
+    out = run_script(
+        [
+            "benchmarks/optimizer_step.py",
+            "--workload=sweep",
+            "--sweep_sizes=20k",
+            "--sweep_variables=3",
+            "--implementations=keras_adamw_xla_tf_function,keras_adamw_noxla,"
+            "keras,keras_xla,torch_fused,floor_xla",
+            "--repeats=2",
+            "--warmup=1",
+            "--steps_per_repeat=2",
+        ],
+        timeout=300,
+    )
     assert "- command: python benchmarks/optimizer_step.py" in out
     assert "## 20k: 3 variables, 19,998 parameters" in out
-    for label in ("keras_adamw.AdamW(jit_compile=True), in tf.function",
-                  "keras_adamw.AdamW(jit_compile=False), eager `apply`",
-                  "keras.optimizers.AdamW, in tf.function (no XLA)",
-                  "keras.optimizers.AdamW, in tf.function(jit_compile=True)"):
-        row = next(line for line in out.splitlines()
-                   if line.startswith(f"| {label} |"))
+    for label in (
+        "keras_adamw.AdamW(jit_compile=True), in tf.function",
+        "keras_adamw.AdamW(jit_compile=False), eager `apply`",
+        "keras.optimizers.AdamW, in tf.function (no XLA)",
+        "keras.optimizers.AdamW, in tf.function(jit_compile=True)",
+    ):
+        row = next(
+            line
+            for line in out.splitlines()
+            if line.startswith(f"| {label} |")
+        )
         assert re.match(r"\| .* \| [0-9.]+ \| [0-9.]+-[0-9.]+ \|", row)
-    reference = next(line for line in out.splitlines() if line.startswith(
-        "| keras_adamw.AdamW(jit_compile=True), in tf.function |"))
+    reference = next(
+        line
+        for line in out.splitlines()
+        if line.startswith(
+            "| keras_adamw.AdamW(jit_compile=True), in tf.function |"
+        )
+    )
     assert "| 1.00 |" in reference
     assert "**floor**: 28 B/param" in out
     # torch is timed when installed, and named as missing otherwise.
-    assert ("| torch.optim.AdamW(fused=True), CPU |" in out
-            or "torch is not installed" in out)
-    assert "Targets for keras_adamw.AdamW(jit_compile=True), in " \
-           "tf.function:" in out
+    assert (
+        "| torch.optim.AdamW(fused=True), CPU |" in out
+        or "torch is not installed" in out
+    )
+    assert (
+        "Targets for keras_adamw.AdamW(jit_compile=True), in "
+        "tf.function:" in out
+    )
     assert "ns per parameter per step" in out
 
 
 def test_optimizer_step_lists_implementations():
     out = run_script(["benchmarks/optimizer_step.py", "--list"], timeout=60)
-    for name in ("keras_adamw_xla_tf_function", "keras", "keras_xla",
-                 "tf_keras_xla_tf_function", "torch_fused", "optax",
-                 "floor"):
+    for name in (
+        "keras_adamw_xla_tf_function",
+        "keras",
+        "keras_xla",
+        "tf_keras_xla_tf_function",
+        "torch_fused",
+        "optax",
+        "floor",
+    ):
         assert re.search(rf"^{name} ", out, re.M), name
 
 
 def test_fit_epoch_runs_both_optimizers():
-    out = run_script([
-        "benchmarks/fit_epoch.py", "--configs=single", "--epochs=2",
-        "--examples=64", "--batch_size=16", "--seq_len=8", "--vocab=40",
-        "--d_model=16", "--heads=2", "--ff=32", "--blocks=1"], timeout=300)
-    rows = [line for line in out.splitlines()
-            if line.startswith("| one CPU device |")]
+    out = run_script(
+        [
+            "benchmarks/fit_epoch.py",
+            "--configs=single",
+            "--epochs=2",
+            "--examples=64",
+            "--batch_size=16",
+            "--seq_len=8",
+            "--vocab=40",
+            "--d_model=16",
+            "--heads=2",
+            "--ff=32",
+            "--blocks=1",
+        ],
+        timeout=300,
+    )
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| one CPU device |")
+    ]
     assert [row.split(" | ")[1] for row in rows] == [
-        "keras_adamw.AdamW", "keras.optimizers.AdamW"]
+        "keras_adamw.AdamW",
+        "keras.optimizers.AdamW",
+    ]
     assert "failed" not in out
     # Both train: the loss falls from the first epoch to the last. (They
     # need not agree: the token embedding's gradient repeats ids, which
     # Keras 3 handles wrongly; see tests/test_keras_defects.py.)
     for row in rows:
-        first_epoch_loss, final_loss = (float(row.split(" | ")[i])
-                                        for i in (6, 7))
+        first_epoch_loss, final_loss = (
+            float(row.split(" | ")[i]) for i in (6, 7)
+        )
         assert final_loss < first_epoch_loss, row
 
 
-def state_bytes_per_parameter(variables, optimizer_class=keras_adamw.AdamW,
-                              **kwargs):
+def state_bytes_per_parameter(
+    variables, optimizer_class=keras_adamw.AdamW, **kwargs
+):
     optimizer = optimizer_class(**kwargs)
     optimizer.build(variables)
     parameters = sum(int(np.prod(v.shape)) for v in variables)
@@ -181,7 +246,8 @@ def state_bytes_per_parameter(variables, optimizer_class=keras_adamw.AdamW,
     state = sum(
         int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
         for v in optimizer.variables
-        if id(v) not in scalars and len(v.shape) > 0)
+        if id(v) not in scalars and len(v.shape) > 0
+    )
     return state / parameters
 
 
@@ -201,25 +267,37 @@ def readme_state_table():
 
 def test_readme_states_the_optimizer_memory_the_optimizer_allocates():
     table = readme_state_table()
-    float32 = [keras.Variable(np.zeros((30, 7)), dtype="float32"),
-               keras.Variable(np.zeros((5,)), dtype="float32")]
+    float32 = [
+        keras.Variable(np.zeros((30, 7)), dtype="float32"),
+        keras.Variable(np.zeros((5,)), dtype="float32"),
+    ]
     bfloat16 = [keras.Variable(np.zeros((30, 7)), dtype="bfloat16")]
     measured = {
         "AdamW(), float32 variables": state_bytes_per_parameter(float32),
         "AdamW(amsgrad=True)": state_bytes_per_parameter(
-            float32, amsgrad=True),
+            float32, amsgrad=True
+        ),
         "AdamW(use_ema=True)": state_bytes_per_parameter(
-            float32, use_ema=True),
+            float32, use_ema=True
+        ),
         "AdamW(gradient_accumulation_steps=4)": state_bytes_per_parameter(
-            float32, gradient_accumulation_steps=4),
+            float32, gradient_accumulation_steps=4
+        ),
         "AdamW(), bfloat16 variables": state_bytes_per_parameter(bfloat16),
     }
     assert table == measured
     # The same as Keras 3's AdamW (README says so).
-    assert state_bytes_per_parameter(
-        float32, keras.optimizers.AdamW, amsgrad=True, use_ema=True,
-        gradient_accumulation_steps=4) == state_bytes_per_parameter(
-            float32, amsgrad=True, use_ema=True,
-            gradient_accumulation_steps=4) == 20
-    assert state_bytes_per_parameter(
-        bfloat16, keras.optimizers.AdamW) == 4
+    assert (
+        state_bytes_per_parameter(
+            float32,
+            keras.optimizers.AdamW,
+            amsgrad=True,
+            use_ema=True,
+            gradient_accumulation_steps=4,
+        )
+        == state_bytes_per_parameter(
+            float32, amsgrad=True, use_ema=True, gradient_accumulation_steps=4
+        )
+        == 20
+    )
+    assert state_bytes_per_parameter(bfloat16, keras.optimizers.AdamW) == 4

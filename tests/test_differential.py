@@ -20,18 +20,27 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
-from tests.reference import NumpyAdam, dense_from_sparse
+from tests.reference import NumpyAdam
+from tests.reference import dense_from_sparse
 
 CASES = 240
 SEED = 20261128
 
-NUMPY_DTYPES = {"float64": np.float64, "float32": np.float32,
-                "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+NUMPY_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float16": np.float16,
+}
 # The promise (README.md, "What is promised"): the largest difference from
 # the reference, in units of the dtype's epsilon times the weight's size
 # (at least 1), after a few steps.
-EPSILONS = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 2 * 2.0**-7,
-            "float16": 2 * 2.0**-10}
+EPSILONS = {
+    "float64": 1e-9,
+    "float32": 2e-5,
+    "bfloat16": 2 * 2.0**-7,
+    "float16": 2 * 2.0**-10,
+}
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (6, 3), (2, 0)]
 
 
@@ -49,11 +58,13 @@ class Case:
     seed: int
 
     def __str__(self):
-        return (f"case {self.index}: {self.dtype} "
-                f"{'AdamW' if self.adamw else 'Adam'} {self.kwargs} "
-                f"shapes={self.shapes} sparse={self.sparse} "
-                f"steps={self.steps} jit={self.jit_compile} "
-                f"function={self.in_function}")
+        return (
+            f"case {self.index}: {self.dtype} "
+            f"{'AdamW' if self.adamw else 'Adam'} {self.kwargs} "
+            f"shapes={self.shapes} sparse={self.sparse} "
+            f"steps={self.steps} jit={self.jit_compile} "
+            f"function={self.in_function}"
+        )
 
 
 def draw_cases():
@@ -85,13 +96,23 @@ def draw_cases():
             kwargs["loss_scale_factor"] = 8.0
         count = rng.randint(1, 4)
         shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), count)]
-        sparse = [len(s) == 2 and s[1] > 0 and rng.rand() < 0.5
-                  for s in shapes]
-        cases.append(Case(index, dtype, adamw, kwargs, shapes, sparse,
-                          steps=int(rng.randint(2, 6)),
-                          jit_compile=bool(rng.rand() < 0.35),
-                          in_function=bool(rng.rand() < 0.4),
-                          seed=int(rng.randint(2**31))))
+        sparse = [
+            len(s) == 2 and s[1] > 0 and rng.rand() < 0.5 for s in shapes
+        ]
+        cases.append(
+            Case(
+                index,
+                dtype,
+                adamw,
+                kwargs,
+                shapes,
+                sparse,
+                steps=int(rng.randint(2, 6)),
+                jit_compile=bool(rng.rand() < 0.35),
+                in_function=bool(rng.rand() < 0.4),
+                seed=int(rng.randint(2**31)),
+            )
+        )
     return cases
 
 
@@ -110,17 +131,26 @@ def gradients(case):
             if sparse:
                 rows = int(rng.choice([0, 3, 5]))
                 indices = rng.randint(0, shape[0], rows)  # Repeats, unsorted.
-                values = (np.sign(rng.randn(rows, shape[1]))
-                          * rng.uniform(0.5, 3.0, (rows, shape[1])) * scale)
+                values = (
+                    np.sign(rng.randn(rows, shape[1]))
+                    * rng.uniform(0.5, 3.0, (rows, shape[1]))
+                    * scale
+                )
                 values = values.astype(NUMPY_DTYPES[dtype])
-                dense = dense_from_sparse(indices, values.astype(np.float64),
-                                          shape[0])
-                ours = tf.IndexedSlices(tf.constant(values, dtype),
-                                        tf.constant(indices, tf.int32),
-                                        tf.constant(shape))
+                dense = dense_from_sparse(
+                    indices, values.astype(np.float64), shape[0]
+                )
+                ours = tf.IndexedSlices(
+                    tf.constant(values, dtype),
+                    tf.constant(indices, tf.int32),
+                    tf.constant(shape),
+                )
             else:
-                values = (np.sign(rng.randn(*shape))
-                          * rng.uniform(0.5, 3.0, shape) * scale)
+                values = (
+                    np.sign(rng.randn(*shape))
+                    * rng.uniform(0.5, 3.0, shape)
+                    * scale
+                )
                 values = np.asarray(values).astype(NUMPY_DTYPES[dtype])
                 dense = values.astype(np.float64)
                 ours = tf.constant(values, dtype)
@@ -131,13 +161,17 @@ def gradients(case):
 
 def run_case(case):
     rng = np.random.RandomState(case.seed + 1)
-    init = [np.asarray(rng.randn(*s)).astype(NUMPY_DTYPES[case.dtype])
-            for s in case.shapes]
+    init = [
+        np.asarray(rng.randn(*s)).astype(NUMPY_DTYPES[case.dtype])
+        for s in case.shapes
+    ]
     steps = gradients(case)
     cls = keras_adamw.AdamW if case.adamw else keras_adamw.Adam
     optimizer = cls(jit_compile=case.jit_compile, **case.kwargs)
-    variables = [keras.Variable(w, dtype=case.dtype, name=f"v{i}")
-                 for i, w in enumerate(init)]
+    variables = [
+        keras.Variable(w, dtype=case.dtype, name=f"v{i}")
+        for i, w in enumerate(init)
+    ]
 
     def apply(grads):
         optimizer.apply(grads, variables)
@@ -150,12 +184,17 @@ def run_case(case):
     reference_kwargs = dict(case.kwargs)
     if not case.adamw:
         reference_kwargs.pop("weight_decay", None)
-    reference = NumpyAdam([w.astype(np.float64) for w in init],
-                          dtype=NUMPY_DTYPES[case.dtype], **reference_kwargs)
+    reference = NumpyAdam(
+        [w.astype(np.float64) for w in init],
+        dtype=NUMPY_DTYPES[case.dtype],
+        **reference_kwargs,
+    )
     for pairs in steps:
         reference.step([dense for dense, _ in pairs])
-    return ([v.numpy().astype(np.float64) for v in variables],
-            reference.weights)
+    return (
+        [v.numpy().astype(np.float64) for v in variables],
+        reference.weights,
+    )
 
 
 @pytest.mark.parametrize("block", range(8))
@@ -166,8 +205,11 @@ def test_random_configurations_equal_the_reference(block):
         for a, e in zip(ours, expected):
             bound = EPSILONS[case.dtype] * np.maximum(1.0, np.abs(e))
             if a.shape != e.shape or not np.all(np.abs(a - e) <= bound):
-                worst = (float(np.max(np.abs(a - e) / np.maximum(1, np.abs(
-                    e)))) if a.size else 0.0)
+                worst = (
+                    float(np.max(np.abs(a - e) / np.maximum(1, np.abs(e))))
+                    if a.size
+                    else 0.0
+                )
                 failures.append(f"{case}: worst {worst:.3g}")
     assert not failures, "\n".join(failures)
 
@@ -178,11 +220,21 @@ def test_the_cases_cover_what_they_claim():
     assert any(() in c.shapes for c in cases)
     assert any((0,) in c.shapes or (2, 0) in c.shapes for c in cases)
     assert any(any(c.sparse) for c in cases)
-    for option in ("clipnorm", "clipvalue", "global_clipnorm", "use_ema",
-                   "gradient_accumulation_steps", "loss_scale_factor",
-                   "amsgrad"):
+    for option in (
+        "clipnorm",
+        "clipvalue",
+        "global_clipnorm",
+        "use_ema",
+        "gradient_accumulation_steps",
+        "loss_scale_factor",
+        "amsgrad",
+    ):
         assert any(c.kwargs.get(option) for c in cases), option
     assert {(c.jit_compile, c.in_function) for c in cases} == {
-        (True, True), (True, False), (False, True), (False, False)}
+        (True, True),
+        (True, False),
+        (False, True),
+        (False, False),
+    }
     assert any(c.kwargs["beta_1"] == 0.999 for c in cases)
     assert any(c.kwargs["learning_rate"] == 0.0 for c in cases)

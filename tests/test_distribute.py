@@ -19,16 +19,23 @@ def jobs(tmp_path_factory):
     # Both sizes run at once: each process is mostly single-threaded
     # tracing, so two fit on the two cores.
     # Each in a folder of its own: the job keeps checkpoints beside --out.
-    outs = {devices: tmp_path_factory.mktemp(f"mirrored{devices}")
-            / "results.json" for devices in (2, 4)}
+    outs = {
+        devices: tmp_path_factory.mktemp(f"mirrored{devices}") / "results.json"
+        for devices in (2, 4)
+    }
     with Processes(tmp_path_factory.mktemp("mirrored_logs")) as processes:
         for devices, out in outs.items():
-            processes.start(f"mirrored{devices}", "mirrored_job",
-                            f"--devices={devices}", f"--out={out}",
-                            *(["--full"] if devices == 2 else []))
+            processes.start(
+                f"mirrored{devices}",
+                "mirrored_job",
+                f"--devices={devices}",
+                f"--out={out}",
+                *(["--full"] if devices == 2 else []),
+            )
         processes.finish(["mirrored2", "mirrored4"], timeout=900)
-    return {devices: json.loads(out.read_text())
-            for devices, out in outs.items()}
+    return {
+        devices: json.loads(out.read_text()) for devices, out in outs.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,8 @@ def test_fit_on_four_devices_equals_one_device(four_devices):
 
 @pytest.mark.parametrize("case", ["plain", "everything"])
 def test_custom_loop_building_in_first_step_equals_one_device(
-        two_devices, four_devices, case):
+    two_devices, four_devices, case
+):
     assert two_devices[f"custom_loop/{case}"]["max_difference"] < 1e-5
     assert four_devices[f"custom_loop/{case}"]["max_difference"] < 1e-5
 
@@ -94,8 +102,9 @@ def test_one_xla_program_per_device(two_devices, four_devices):
 
 
 @pytest.mark.parametrize("direction", ["mirrored_to_one", "one_to_mirrored"])
-def test_checkpoint_moves_between_mirrored_and_one_device(two_devices,
-                                                          direction):
+def test_checkpoint_moves_between_mirrored_and_one_device(
+    two_devices, direction
+):
     case = two_devices[f"checkpoint/{direction}"]
     assert case["restored_iterations"] == 2
     assert case["max_difference"] < 1e-6
@@ -111,7 +120,8 @@ def parameter_server(tmp_path_factory):
 
 
 def test_parameter_server_trains_without_xla_after_one_warning(
-        parameter_server):
+    parameter_server,
+):
     assert parameter_server["variables_on_ps"]
     assert parameter_server["fallback_warnings"] == 1
     # No update lost: every scheduled step counted once.

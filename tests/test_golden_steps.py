@@ -22,6 +22,7 @@ def test_numbers_are_bit_identical_to_the_recorded_ones():
         elif same_release and not np.array_equal(expected[key], actual[key]):
             differing.append(key)
         elif not same_release and not np.allclose(
-                expected[key], actual[key], rtol=1e-6, atol=1e-7):
+            expected[key], actual[key], rtol=1e-6, atol=1e-7
+        ):
             differing.append(key)
     assert not differing, (recorded_on, differing[:10])

@@ -30,7 +30,8 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("name, value, error", BAD_VALUES)
 def test_bad_value_is_refused_by_constructor_and_assignment_alike(
-        name, value, error):
+    name, value, error
+):
     with pytest.raises(error, match=f"{name}={value!r}|{name}={value}") as e:
         keras_adamw.AdamW(**{name: value})
     constructor_message = str(e.value)
@@ -65,8 +66,11 @@ def test_structural_hyperparameters_cannot_change_once_built():
     optimizer = keras_adamw.AdamW()
     optimizer.amsgrad = True  # Before build: fine.
     optimizer.build([keras.Variable([1.0])])
-    for name, value in [("amsgrad", False), ("use_ema", True),
-                        ("gradient_accumulation_steps", 2)]:
+    for name, value in [
+        ("amsgrad", False),
+        ("use_ema", True),
+        ("gradient_accumulation_steps", 2),
+    ]:
         with pytest.raises(ValueError, match=f"`{name}` cannot change"):
             setattr(optimizer, name, value)
     optimizer.amsgrad = True  # The same value is no change.
@@ -77,7 +81,8 @@ def test_get_config_writes_every_row_of_the_table():
     assert set(hyperparams.TABLE) <= set(config)
     for row in hyperparams.TABLE.values():
         assert config[row.name] == pytest.approx(row.default, rel=1e-7), (
-            row.name)
+            row.name
+        )
 
 
 def test_the_table_defaults_are_the_constructor_defaults():

@@ -10,24 +10,34 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
-from tests.reference import NumpyAdam, dense_from_sparse
+from tests.reference import NumpyAdam
+from tests.reference import dense_from_sparse
 
 LR = float(np.float32(1e-3))
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])
-def test_duplicate_sparse_indices_equal_the_dense_result(jit_compile,
-                                                         train_table):
+def test_duplicate_sparse_indices_equal_the_dense_result(
+    jit_compile, train_table
+):
     # What an Embedding gives when an id repeats in a batch.
     rng = np.random.RandomState(0)
     init = rng.randn(6, 3)
     ids = [1, 2, 2, 5, 1, 1]
     steps = [(ids, rng.randn(len(ids), 3)) for _ in range(3)]
 
-    ours = train_table(keras_adamw.AdamW(jit_compile=jit_compile), steps,
-                       sparse=True, init=init)
-    ours_dense = train_table(keras_adamw.AdamW(jit_compile=jit_compile),
-                             steps, sparse=False, init=init)
+    ours = train_table(
+        keras_adamw.AdamW(jit_compile=jit_compile),
+        steps,
+        sparse=True,
+        init=init,
+    )
+    ours_dense = train_table(
+        keras_adamw.AdamW(jit_compile=jit_compile),
+        steps,
+        sparse=False,
+        init=init,
+    )
     np.testing.assert_array_equal(ours, ours_dense)
 
     ref = NumpyAdam([init], learning_rate=LR, weight_decay=0.004)
@@ -36,8 +46,9 @@ def test_duplicate_sparse_indices_equal_the_dense_result(jit_compile,
     np.testing.assert_allclose(ours, ref.weights[0], rtol=1e-6, atol=1e-7)
 
     # Keras 3 squares each duplicate separately: far off the dense result.
-    keras_sparse = train_table(keras.optimizers.AdamW(), steps, sparse=True,
-                               init=init)
+    keras_sparse = train_table(
+        keras.optimizers.AdamW(), steps, sparse=True, init=init
+    )
     update = np.abs(ref.weights[0] - init).max()
     assert np.abs(keras_sparse - ref.weights[0]).max() > 0.1 * update
 
@@ -59,24 +70,30 @@ def test_embedding_layer_with_repeated_ids_matches_dense_reference():
         assert isinstance(gradient, tf.IndexedSlices)
         ref.step([tf.convert_to_tensor(gradient).numpy().astype(np.float64)])
         optimizer.apply([gradient], embedding.trainable_variables)
-    np.testing.assert_allclose(embedding.embeddings.numpy(), ref.weights[0],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        embedding.embeddings.numpy(), ref.weights[0], rtol=1e-6, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("dtype,np_dtype", [("bfloat16", ml_dtypes.bfloat16),
-                                            ("float16", np.float16)])
-def test_half_precision_is_computed_in_float32_and_stored_once(dtype,
-                                                               np_dtype):
+@pytest.mark.parametrize(
+    "dtype,np_dtype",
+    [("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)],
+)
+def test_half_precision_is_computed_in_float32_and_stored_once(
+    dtype, np_dtype
+):
     rng = np.random.RandomState(0)
     init = rng.randn(256)
     # Gradients of at least 0.5 keep velocity clear of float16's underflow.
-    grads = [np.sign(rng.randn(256)) * rng.uniform(0.5, 3.0, 256)
-             for _ in range(10)]
+    grads = [
+        np.sign(rng.randn(256)) * rng.uniform(0.5, 3.0, 256) for _ in range(10)
+    ]
     lr = float(np.float32(0.01))
 
     # The reference rounds what is stored (weights, moments) to the dtype.
-    ref = NumpyAdam([init], learning_rate=lr, weight_decay=0.004,
-                    dtype=np_dtype)
+    ref = NumpyAdam(
+        [init], learning_rate=lr, weight_decay=0.004, dtype=np_dtype
+    )
     for g in grads:
         ref.step([g])
     w = ref.weights[0]
@@ -98,11 +115,13 @@ def test_half_precision_is_computed_in_float32_and_stored_once(dtype,
 
 
 def test_exclude_from_weight_decay_matches_paths():
-    model = keras.Sequential([
-        keras.Input((3,)),
-        keras.layers.Dense(2, name="decayed"),
-        keras.layers.Dense(2, name="excluded"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, name="decayed"),
+            keras.layers.Dense(2, name="excluded"),
+        ]
+    )
     initial = [v.numpy() for v in model.trainable_variables]
 
     def zero_gradient_step(optimizer):
@@ -112,16 +131,23 @@ def test_exclude_from_weight_decay_matches_paths():
         zeros = [tf.zeros_like(v) for v in model.trainable_variables]
         optimizer.apply(zeros, model.trainable_variables)
         # With a zero gradient only weight decay moves a variable.
-        return {"/".join(v.path.split("/")[-2:]):
-                not np.array_equal(v.numpy(), w)
-                for v, w in zip(model.trainable_variables, initial)}
+        return {
+            "/".join(v.path.split("/")[-2:]): not np.array_equal(v.numpy(), w)
+            for v, w in zip(model.trainable_variables, initial)
+        }
 
     moved = zero_gradient_step(keras_adamw.AdamW(weight_decay=0.5))
-    assert moved == {"decayed/kernel": True, "decayed/bias": False,
-                     "excluded/kernel": False, "excluded/bias": False}
+    assert moved == {
+        "decayed/kernel": True,
+        "decayed/bias": False,
+        "excluded/kernel": False,
+        "excluded/bias": False,
+    }
     # Keras 3 on TensorFlow matches the `tf.Variable` name, which holds the
     # path, so it agrees here; on a plain `keras.Variable.name` it would not.
-    assert zero_gradient_step(keras.optimizers.AdamW(weight_decay=0.5)) == moved
+    assert (
+        zero_gradient_step(keras.optimizers.AdamW(weight_decay=0.5)) == moved
+    )
 
 
 def test_exclude_from_weight_decay_after_build_raises():
@@ -141,8 +167,12 @@ def test_ema_moves_once_per_real_step_under_accumulation(jit_compile):
     rng = np.random.RandomState(3)
     init = rng.randn(4)
     grads = [rng.randn(4) for _ in range(9)]
-    kwargs = dict(use_ema=True, ema_momentum=0.5,
-                  gradient_accumulation_steps=3, learning_rate=0.125)
+    kwargs = dict(
+        use_ema=True,
+        ema_momentum=0.5,
+        gradient_accumulation_steps=3,
+        learning_rate=0.125,
+    )
 
     def run(optimizer):
         variable = keras.Variable(init, dtype="float64")

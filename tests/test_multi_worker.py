@@ -40,7 +40,10 @@ import json
 import numpy as np
 import pytest
 
-from tests.jobs.processes import Processes, free_ports, job_env, load_npz
+from tests.jobs.processes import Processes
+from tests.jobs.processes import free_ports
+from tests.jobs.processes import job_env
+from tests.jobs.processes import load_npz
 
 JOB = "multi_worker_job"
 DEADLINE = 240  # Seconds for one group of processes to finish.
@@ -55,14 +58,17 @@ CRASH_AT_STEP = STEPS_PER_EPOCH + 2
 
 
 def tf_config(ports, index):
-    return {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
-            "task": {"type": "worker", "index": index}}
+    return {
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+        "task": {"type": "worker", "index": index},
+    }
 
 
 def start(processes, name, *flags, config=None):
     """Starts a job process, a worker of the cluster `config` if given."""
-    env = job_env(**({} if config is None
-                     else {"TF_CONFIG": json.dumps(config)}))
+    env = job_env(
+        **({} if config is None else {"TF_CONFIG": json.dumps(config)})
+    )
     return processes.start(name, JOB, *flags, env=env)
 
 
@@ -87,8 +93,12 @@ def assert_same_state(actual, expected, atol, what):
             name = paths[int(key.split("_")[1])]
         scale = min(1.0, float(np.max(np.abs(reference[key]))))
         np.testing.assert_allclose(
-            arrays[key], reference[key], rtol=0, atol=atol * scale,
-            err_msg=f"{what}: {name} (tolerance {atol} x {scale:.3g})")
+            arrays[key],
+            reference[key],
+            rtol=0,
+            atol=atol * scale,
+            err_msg=f"{what}: {name} (tolerance {atol} x {scale:.3g})",
+        )
 
 
 def iterations(run):
@@ -107,21 +117,32 @@ def uninterrupted(tmp_path_factory):
     with Processes(tmp) as processes:
         for index in range(2):
             start(
-                processes, f"worker{index}", "--multi_worker",
+                processes,
+                f"worker{index}",
+                "--multi_worker",
                 f"--out={tmp / f'worker{index}.npz'}",
                 f"--backup_dir={tmp / f'backup{index}'}",
-                config=tf_config(ports, index))
-        start(processes, "single", f"--out={tmp / 'single.npz'}",
-              f"--backup_dir={tmp / 'backup_single'}")
+                config=tf_config(ports, index),
+            )
+        start(
+            processes,
+            "single",
+            f"--out={tmp / 'single.npz'}",
+            f"--backup_dir={tmp / 'backup_single'}",
+        )
         processes.finish(["worker0", "worker1", "single"], DEADLINE)
-    return {name: load(tmp / f"{name}.npz")
-            for name in ("worker0", "worker1", "single")}
+    return {
+        name: load(tmp / f"{name}.npz")
+        for name in ("worker0", "worker1", "single")
+    }
 
 
 def test_two_workers_equal_one_process_on_the_same_global_batches(
-        uninterrupted):
-    worker0, worker1, single = (uninterrupted[n]
-                                for n in ("worker0", "worker1", "single"))
+    uninterrupted,
+):
+    worker0, worker1, single = (
+        uninterrupted[n] for n in ("worker0", "worker1", "single")
+    )
     for run in (worker0, worker1, single):
         _, events = run
         assert events["epochs_run"] == list(range(EPOCHS))
@@ -136,8 +157,9 @@ def test_two_workers_equal_one_process_on_the_same_global_batches(
     # except the gradient accumulators: zero after every real step, and
     # each epoch (4 calls) ends with one.
     for key, value in single[0].items():
-        if key.startswith("optimizer_") and paths[int(key.split("_")[1])] \
-                .endswith("_gradient_accumulator"):
+        if key.startswith("optimizer_") and paths[
+            int(key.split("_")[1])
+        ].endswith("_gradient_accumulator"):
             continue
         assert np.max(np.abs(value)) > 1e-5, key
     assert_same_state(worker1, worker0, 1e-6, "worker 1 vs worker 0")
@@ -145,7 +167,8 @@ def test_two_workers_equal_one_process_on_the_same_global_batches(
 
 
 def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
-        uninterrupted, tmp_path):
+    uninterrupted, tmp_path
+):
     marker = tmp_path / "worker0_crashed"
 
     def flags(index, attempt):
@@ -153,45 +176,61 @@ def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
         # notion of a chief, so with one shared directory both workers write
         # the same files at the same moment (FileExistsError from its
         # makedirs, or h5py's "unable to lock file").
-        result = ["--multi_worker",
-                  f"--out={tmp_path / f'attempt{attempt}_worker{index}.npz'}",
-                  f"--backup_dir={tmp_path / f'backup{index}'}"]
+        result = [
+            "--multi_worker",
+            f"--out={tmp_path / f'attempt{attempt}_worker{index}.npz'}",
+            f"--backup_dir={tmp_path / f'backup{index}'}",
+        ]
         if index == 0:
-            result += [f"--crash_at_step={CRASH_AT_STEP}",
-                       f"--marker={marker}"]
+            result += [
+                f"--crash_at_step={CRASH_AT_STEP}",
+                f"--marker={marker}",
+            ]
         return result
 
     with Processes(tmp_path) as processes:
         # Attempt 1: worker 0 dies after step CRASH_AT_STEP.
         ports = free_ports(2)
         for index in range(2):
-            start(processes, f"attempt1_worker{index}", *flags(index, 1),
-                  config=tf_config(ports, index))
+            start(
+                processes,
+                f"attempt1_worker{index}",
+                *flags(index, 1),
+                config=tf_config(ports, index),
+            )
         codes = processes.wait(["attempt1_worker0"], DEADLINE)
         assert codes["attempt1_worker0"] == 1 and marker.exists(), (
             f"worker 0 should have died at step {CRASH_AT_STEP}: {codes}\n"
-            + processes.log("attempt1_worker0"))
+            + processes.log("attempt1_worker0")
+        )
         assert json.loads(marker.read_text())["epochs_run"] == [0, 1]
         # The survivor cannot finish: its next collective needs worker 0. It
         # fails on its own (UnavailableError, "Socket closed") or hangs; we
         # give it SURVIVOR_GRACE seconds, then kill it.
         survivor = processes.wait(["attempt1_worker1"], SURVIVOR_GRACE)
         assert survivor["attempt1_worker1"] != 0, processes.log(
-            "attempt1_worker1")
+            "attempt1_worker1"
+        )
         processes.started["attempt1_worker1"].kill()
         processes.started["attempt1_worker1"].wait(timeout=30)
         assert not list(tmp_path.glob("attempt1_*.npz"))
         for index in range(2):
             metadata = json.loads(
-                (tmp_path / f"backup{index}" / "training_metadata.json")
-                .read_text())
+                (
+                    tmp_path / f"backup{index}" / "training_metadata.json"
+                ).read_text()
+            )
             assert metadata["epoch"] == 1, (index, metadata)
 
         # Attempt 2: both workers again, same flags, fresh ports.
         ports = free_ports(2)
         for index in range(2):
-            start(processes, f"attempt2_worker{index}", *flags(index, 2),
-                  config=tf_config(ports, index))
+            start(
+                processes,
+                f"attempt2_worker{index}",
+                *flags(index, 2),
+                config=tf_config(ports, index),
+            )
         processes.finish(["attempt2_worker0", "attempt2_worker1"], DEADLINE)
 
     resumed = [load(tmp_path / f"attempt2_worker{i}.npz") for i in range(2)]
@@ -203,11 +242,21 @@ def test_lost_worker_resumes_from_backup_and_equals_uninterrupted(
         assert events["epochs_run"] == list(range(1, EPOCHS)), events
         # optimizer.iterations counts real steps: one per ACCUMULATION calls.
         assert events["iterations_at_start"] == (
-            STEPS_PER_EPOCH // ACCUMULATION), events
+            STEPS_PER_EPOCH // ACCUMULATION
+        ), events
         assert iterations(run) == EPOCHS * STEPS_PER_EPOCH
-    assert_same_state(resumed[1], resumed[0], 1e-6,
-                      "resumed worker 1 vs resumed worker 0")
-    assert_same_state(resumed[0], uninterrupted["worker0"], 1e-5,
-                      "resumed vs uninterrupted two workers")
-    assert_same_state(resumed[0], uninterrupted["single"], 1e-5,
-                      "resumed vs uninterrupted one process")
+    assert_same_state(
+        resumed[1], resumed[0], 1e-6, "resumed worker 1 vs resumed worker 0"
+    )
+    assert_same_state(
+        resumed[0],
+        uninterrupted["worker0"],
+        1e-5,
+        "resumed vs uninterrupted two workers",
+    )
+    assert_same_state(
+        resumed[0],
+        uninterrupted["single"],
+        1e-5,
+        "resumed vs uninterrupted one process",
+    )

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
-from tests.reference import NumpyAdam, dense_from_sparse
+from tests.reference import NumpyAdam
+from tests.reference import dense_from_sparse
 
 STEPS = 12
 SHAPES = [(5, 4), (4,), ()]
@@ -61,19 +62,27 @@ CONFIGS = {
     ),
     "callable_betas": ({"beta_1": lambda: 0.8, "beta_2": lambda: 0.99}, {}),
     "everything": (
-        {"amsgrad": True, "global_clipnorm": 2.0, "use_ema": True,
-         "ema_momentum": 0.9, "loss_scale_factor": 8.0,
-         "learning_rate": HalvingSchedule()},
+        {
+            "amsgrad": True,
+            "global_clipnorm": 2.0,
+            "use_ema": True,
+            "ema_momentum": 0.9,
+            "loss_scale_factor": 8.0,
+            "learning_rate": HalvingSchedule(),
+        },
         {"learning_rate": halving_schedule_numpy},
     ),
 }
-CLASSES = {"AdamW": (keras_adamw.AdamW, keras.optimizers.AdamW, 0.004),
-           "Adam": (keras_adamw.Adam, keras.optimizers.Adam, None)}
+CLASSES = {
+    "AdamW": (keras_adamw.AdamW, keras.optimizers.AdamW, 0.004),
+    "Adam": (keras_adamw.Adam, keras.optimizers.Adam, None),
+}
 
 
 def run(optimizer, init, grads, dtype, scale=1.0, finalize=False):
-    variables = [keras.Variable(w, dtype=dtype, name=n)
-                 for w, n in zip(init, NAMES)]
+    variables = [
+        keras.Variable(w, dtype=dtype, name=n) for w, n in zip(init, NAMES)
+    ]
     for step_grads in grads:
         optimizer.apply(
             [tf.constant(g * scale, dtype=dtype) for g in step_grads],
@@ -116,10 +125,22 @@ def test_float64_equals_numpy_reference(class_name, config, jit_compile):
         ref_kwargs = dict(ref_kwargs, learning_rate=learning_rate)
     scale = kwargs.get("loss_scale_factor", 1.0)
     finalize = kwargs.get("use_ema", False)
-    ours = run(ours_class(jit_compile=jit_compile, **kwargs), init, grads,
-               "float64", scale=scale, finalize=finalize)
-    expected = reference(init, [[g * scale for g in s] for s in grads],
-                         kwargs, ref_kwargs, weight_decay, finalize=finalize)
+    ours = run(
+        ours_class(jit_compile=jit_compile, **kwargs),
+        init,
+        grads,
+        "float64",
+        scale=scale,
+        finalize=finalize,
+    )
+    expected = reference(
+        init,
+        [[g * scale for g in s] for s in grads],
+        kwargs,
+        ref_kwargs,
+        weight_decay,
+        finalize=finalize,
+    )
     assert_close(ours, expected, rtol=1e-10)
     # The run must have moved the weights, or the comparison says nothing.
     assert max(np.max(np.abs(o - i)) for o, i in zip(ours, init)) > 1e-3
@@ -134,35 +155,55 @@ def test_float32_equals_keras(class_name, config, jit_compile):
     init, grads = make_problem(seed=1)
     scale = kwargs.get("loss_scale_factor", 1.0)
     finalize = kwargs.get("use_ema", False)
-    ours = run(ours_class(jit_compile=jit_compile, **kwargs), init, grads,
-               "float32", scale=scale, finalize=finalize)
+    ours = run(
+        ours_class(jit_compile=jit_compile, **kwargs),
+        init,
+        grads,
+        "float32",
+        scale=scale,
+        finalize=finalize,
+    )
     # Keras 3 documents callable betas but fails on them ("Attempt to convert
     # a value (<function>) ... to a Tensor"): give it their values.
-    keras_kwargs = {k: v() if k.startswith("beta") and callable(v) else v
-                    for k, v in kwargs.items()}
-    theirs = run(keras_class(**keras_kwargs), init, grads, "float32",
-                 scale=scale, finalize=finalize)
+    keras_kwargs = {
+        k: v() if k.startswith("beta") and callable(v) else v
+        for k, v in kwargs.items()
+    }
+    theirs = run(
+        keras_class(**keras_kwargs),
+        init,
+        grads,
+        "float32",
+        scale=scale,
+        finalize=finalize,
+    )
     assert_close(ours, theirs, rtol=1e-6)
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_indexed_slices_without_duplicates_equal_keras_and_dense(
-        jit_compile, train_table):
+    jit_compile, train_table
+):
     rng = np.random.RandomState(2)
     init = rng.randn(6, 3)
-    steps = [([0, 2, 5], rng.randn(3, 3)), ([1, 2, 4], rng.randn(3, 3)),
-             ([5, 0, 3], rng.randn(3, 3))] * 4
+    steps = [
+        ([0, 2, 5], rng.randn(3, 3)),
+        ([1, 2, 4], rng.randn(3, 3)),
+        ([5, 0, 3], rng.randn(3, 3)),
+    ] * 4
 
     def train(optimizer, sparse):
         return train_table(optimizer, steps, sparse=sparse, init=init)
 
     ours = train(keras_adamw.AdamW(jit_compile=jit_compile), sparse=True)
     np.testing.assert_array_equal(
-        ours, train(keras_adamw.AdamW(jit_compile=jit_compile), sparse=False))
+        ours, train(keras_adamw.AdamW(jit_compile=jit_compile), sparse=False)
+    )
     theirs = train(keras.optimizers.AdamW(), sparse=True)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
-    ref = NumpyAdam([init], weight_decay=0.004,
-                    learning_rate=float(np.float32(1e-3)))
+    ref = NumpyAdam(
+        [init], weight_decay=0.004, learning_rate=float(np.float32(1e-3))
+    )
     for indices, values in steps:
         ref.step([dense_from_sparse(indices, values, 6)])
     np.testing.assert_allclose(ours, ref.weights[0], rtol=1e-5, atol=1e-6)

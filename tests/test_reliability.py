@@ -26,23 +26,29 @@ def assert_unchanged(before, optimizer, variables):
 
 
 # 1. Repeated sparse indices are summed in the compute dtype.
-@pytest.mark.parametrize("dtype, repeats", [("bfloat16", 1000),
-                                            ("float16", 3000),
-                                            ("float32", 1000)])
+@pytest.mark.parametrize(
+    "dtype, repeats",
+    [("bfloat16", 1000), ("float16", 3000), ("float32", 1000)],
+)
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_repeated_sparse_rows_sum_in_float32_and_equal_dense(
-        dtype, repeats, jit_compile):
+    dtype, repeats, jit_compile
+):
     def train(sparse):
         table = keras.Variable(np.zeros((4, 2)), dtype=dtype, name="table")
-        optimizer = keras_adamw.Adam(learning_rate=0.01,
-                                     jit_compile=jit_compile)
+        optimizer = keras_adamw.Adam(
+            learning_rate=0.01, jit_compile=jit_compile
+        )
         if sparse:
             gradient = tf.IndexedSlices(
-                tf.ones([repeats, 2], dtype), tf.fill([repeats], 1),
-                tf.constant([4, 2]))
+                tf.ones([repeats, 2], dtype),
+                tf.fill([repeats], 1),
+                tf.constant([4, 2]),
+            )
         else:
-            gradient = tf.constant([[0, 0], [repeats, repeats], [0, 0],
-                                    [0, 0]], dtype)
+            gradient = tf.constant(
+                [[0, 0], [repeats, repeats], [0, 0], [0, 0]], dtype
+            )
         optimizer.apply([gradient], [table])
         return table.numpy(), optimizer._momentums[0].numpy()
 
@@ -52,7 +58,8 @@ def test_repeated_sparse_rows_sum_in_float32_and_equal_dense(
     np.testing.assert_array_equal(sparse_momentum, dense_momentum)
     # momentum = (1 - beta_1) * sum of the repeats, rounded once to dtype.
     np.testing.assert_allclose(
-        sparse_momentum[1].astype(np.float64), [0.1 * repeats] * 2, rtol=1e-2)
+        sparse_momentum[1].astype(np.float64), [0.1 * repeats] * 2, rtol=1e-2
+    )
 
 
 # 2. float64 variables keep float64 numbers.
@@ -62,8 +69,9 @@ def test_float64_with_a_float_learning_rate_equals_the_reference(jit_compile):
     init = [rng.randn(3, 2), rng.randn(2)]
     grads = [[rng.randn(3, 2), rng.randn(2)] for _ in range(12)]
     variables = [keras.Variable(w, dtype="float64") for w in init]
-    optimizer = keras_adamw.AdamW(learning_rate=0.1, weight_decay=0.01,
-                                  jit_compile=jit_compile)
+    optimizer = keras_adamw.AdamW(
+        learning_rate=0.1, weight_decay=0.01, jit_compile=jit_compile
+    )
     reference = NumpyAdam(init, learning_rate=0.1, weight_decay=0.01)
     for step, step_grads in enumerate(grads):
         if step == 6:  # Changing it keeps it exact too.
@@ -72,35 +80,44 @@ def test_float64_with_a_float_learning_rate_equals_the_reference(jit_compile):
         optimizer.apply([tf.constant(g) for g in step_grads], variables)
         reference.step(step_grads)
     for ours, expected in zip(variables, reference.weights):
-        np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-12,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            ours.numpy(), expected, rtol=1e-12, atol=1e-12
+        )
 
 
 def test_global_clipnorm_over_mixed_dtypes_is_float64_exact():
     rng = np.random.RandomState(1)
     init = [rng.randn(4), rng.randn(3)]
     grads = [[rng.randn(4) * 3, rng.randn(3) * 3] for _ in range(10)]
-    variables = [keras.Variable(init[0], dtype="float64"),
-                 keras.Variable(init[1], dtype="float32")]
+    variables = [
+        keras.Variable(init[0], dtype="float64"),
+        keras.Variable(init[1], dtype="float32"),
+    ]
     optimizer = keras_adamw.Adam(learning_rate=2.0**-6, global_clipnorm=1.0)
     # The float32 gradient is exactly what the reference sees.
-    grads = [[g[0], g[1].astype(np.float32).astype(np.float64)]
-             for g in grads]
+    grads = [[g[0], g[1].astype(np.float32).astype(np.float64)] for g in grads]
     reference = NumpyAdam(init, learning_rate=2.0**-6, global_clipnorm=1.0)
     reference.weights[1] = init[1].astype(np.float32).astype(np.float64)
     for step_grads in grads:
-        optimizer.apply([tf.constant(step_grads[0]),
-                         tf.constant(step_grads[1], tf.float32)], variables)
+        optimizer.apply(
+            [
+                tf.constant(step_grads[0]),
+                tf.constant(step_grads[1], tf.float32),
+            ],
+            variables,
+        )
         reference.step(step_grads)
-    np.testing.assert_allclose(variables[0].numpy(), reference.weights[0],
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        variables[0].numpy(), reference.weights[0], rtol=1e-12, atol=1e-12
+    )
 
 
 # 4. No partial state.
 @pytest.mark.parametrize("jit_compile", [True, False])
 @pytest.mark.parametrize("bad", ["schedule", "beta"])
 def test_a_bad_value_computed_inside_tf_function_changes_nothing(
-        jit_compile, bad):
+    jit_compile, bad
+):
     class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
             # NaN from the third call on.
@@ -138,13 +155,20 @@ def test_sparse_index_out_of_range_is_refused(index, in_function):
     before = snapshot(optimizer, [table, other])
 
     def apply(indices):
-        optimizer.apply([tf.IndexedSlices(tf.ones([2, 2]), indices,
-                                          tf.constant([4, 2])),
-                         tf.ones([1])], [table, other])
+        optimizer.apply(
+            [
+                tf.IndexedSlices(
+                    tf.ones([2, 2]), indices, tf.constant([4, 2])
+                ),
+                tf.ones([1]),
+            ],
+            [table, other],
+        )
 
     if in_function:  # Indices known only when the step runs.
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match="outside its rows"):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match="outside its rows"
+        ):
             tf.function(apply)(tf.constant([0, index]))
     else:
         with pytest.raises(ValueError, match=rf"\[{index}\] outside its rows"):
@@ -176,9 +200,9 @@ def test_update_step_on_an_unknown_variable_is_refused():
     optimizer = keras_adamw.Adam()
     optimizer.build([keras.Variable([1.0])])
     with pytest.raises(ValueError, match="Unknown variable 'stranger'"):
-        optimizer.update_step(tf.ones([1]), keras.Variable([1.0],
-                                                           name="stranger"),
-                              0.1)
+        optimizer.update_step(
+            tf.ones([1]), keras.Variable([1.0], name="stranger"), 0.1
+        )
 
 
 def test_a_string_hyperparameter_after_build_is_refused():
@@ -258,5 +282,6 @@ def test_restoring_checks_every_entry_before_writing_any(how, bad):
             optimizer.set_weights(values)
         else:
             optimizer.load_own_variables(
-                {str(i): v for i, v in enumerate(values)})
+                {str(i): v for i, v in enumerate(values)}
+            )
     assert_unchanged(before, optimizer, [w])

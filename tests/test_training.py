@@ -95,8 +95,14 @@ def _fresh_vars():
 
 def _reference(steps):
     """The float64 reference's weights after `steps` steps on the problem."""
-    ref = NumpyAdam([_W0, _B0], learning_rate=LR, beta_1=BETA_1,
-                    beta_2=BETA_2, epsilon=EPS, weight_decay=WD)
+    ref = NumpyAdam(
+        [_W0, _B0],
+        learning_rate=LR,
+        beta_1=BETA_1,
+        beta_2=BETA_2,
+        epsilon=EPS,
+        weight_decay=WD,
+    )
     for _ in range(steps):
         ref.step(_np_grads(ref.weights))
     return ref.weights
@@ -401,8 +407,14 @@ def _optimizer_values(optimizer):
 def _slot_kinds(optimizer):
     """(kind, shape) of each optimizer variable, in order. Layer names differ
     between a model and its reloaded copy, so only the suffix is compared."""
-    kinds = ("velocity_hat", "momentum", "velocity", "average", "iteration",
-             "learning_rate")
+    kinds = (
+        "velocity_hat",
+        "momentum",
+        "velocity",
+        "average",
+        "iteration",
+        "learning_rate",
+    )
     result = []
     for v in optimizer.variables:
         kind = next((k for k in kinds if v.name.endswith(k)), v.name)

@@ -39,8 +39,17 @@ def _m(*parts):
         (False, TypeError, _m("learning_rate=False")),
         (None, TypeError, _m("learning_rate=None")),
     ],
-    ids=["negative", "negative_int", "nan", "inf", "string",
-         "numeric_string", "bool_true", "bool_false", "none"],
+    ids=[
+        "negative",
+        "negative_int",
+        "nan",
+        "inf",
+        "string",
+        "numeric_string",
+        "bool_true",
+        "bool_false",
+        "none",
+    ],
 )
 def test_bad_learning_rate(cls, value, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -118,9 +127,15 @@ def test_ema_momentum_bounds_are_accepted(cls):
 @BOTH
 @pytest.mark.parametrize(
     "value, error",
-    [(1, ValueError), (0, ValueError), (-2, ValueError),
-     (2.5, TypeError), (2.0, TypeError), (True, TypeError),
-     ("2", TypeError)],
+    [
+        (1, ValueError),
+        (0, ValueError),
+        (-2, ValueError),
+        (2.5, TypeError),
+        (2.0, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+    ],
     ids=["1", "0", "-2", "2.5", "2.0", "True", "string"],
 )
 def test_bad_gradient_accumulation_steps(cls, value, error):
@@ -156,15 +171,32 @@ def test_more_than_one_clip_option(cls, kwargs):
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"lr": 0.1}, _m("lr", "0.1")),
-        ({"decay": 0.5}, _m("decay", "0.5")),
-        ({"beta1": 0.9}, _m("beta1", "0.9")),
+        ({"lr": 0.1}, _m("Argument(s) not recognized", "lr", "0.1")),
+        ({"beta1": 0.9}, _m("Argument(s) not recognized", "beta1", "0.9")),
     ],
-    ids=["lr", "decay", "beta1"],
+    ids=["lr", "beta1"],
 )
 def test_unknown_keyword(cls, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         cls(**kwargs)
+
+
+@BOTH
+def test_keras2_decay_is_ignored_with_keras_warning(cls):
+    """As Keras 3's base optimizer: `decay` warns and is ignored."""
+    keras_cls = getattr(keras.optimizers, cls.__name__)
+    for make in (cls, keras_cls):
+        with pytest.warns(
+            UserWarning,
+            match=_m(
+                "Argument `decay` is no longer supported and will be ignored."
+            ),
+        ):
+            optimizer = make(decay=0.5, name="o")
+        assert optimizer.get_config() == make(name="o").get_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(decay=None)  # Keras ignores None silently.
 
 
 # ---------------------------------------------------------------------------

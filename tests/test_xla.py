@@ -16,8 +16,10 @@ def xla_function(optimizer):
 
 
 def test_one_program_for_all_variables_traced_once():
-    variables = [keras.Variable(np.full((3, i + 1), 1.0), dtype="float32",
-                                name=f"w{i}") for i in range(5)]
+    variables = [
+        keras.Variable(np.full((3, i + 1), 1.0), dtype="float32", name=f"w{i}")
+        for i in range(5)
+    ]
     optimizer = keras_adamw.AdamW(amsgrad=True)
     grads = [tf.ones_like(v) for v in variables]
     for _ in range(6):
@@ -25,8 +27,12 @@ def test_one_program_for_all_variables_traced_once():
     assert xla_function(optimizer).experimental_get_tracing_count() == 1
 
     hlo = xla_function(optimizer).experimental_get_compiler_ir(
-        grads, tuple(range(5)), optimizer._state(),
-        optimizer._hyperparameters(), optimizer._step_config())(stage="hlo")
+        grads,
+        tuple(range(5)),
+        optimizer._state(),
+        optimizer._hyperparameters(),
+        optimizer._step_config(),
+    )(stage="hlo")
     assert hlo.count("ENTRY") == 1
     # Every variable, momentum, velocity and velocity_hat, and the step
     # counter, is updated in place by this one program.
@@ -43,29 +49,34 @@ def test_jit_compile_false_runs_no_xla_program():
 
 def fit_weights(optimizer, model_jit_compile):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.Dense(1),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
     rng = np.random.RandomState(0)
     x = rng.randn(64, 4).astype("float32")
     y = x.sum(axis=1, keepdims=True)
-    model.compile(optimizer=optimizer, loss="mse",
-                  jit_compile=model_jit_compile)
+    model.compile(
+        optimizer=optimizer, loss="mse", jit_compile=model_jit_compile
+    )
     model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
     return [v.numpy() for v in model.trainable_variables]
 
 
 @pytest.mark.parametrize("model_jit_compile", [True, False, "auto"])
 def test_fit_traces_the_program_once_with_or_without_model_xla(
-        model_jit_compile):
+    model_jit_compile,
+):
     optimizer = keras_adamw.AdamW(learning_rate=0.01)
     ours = fit_weights(optimizer, model_jit_compile)
     assert optimizer.iterations.numpy() == 12
     assert xla_function(optimizer).experimental_get_tracing_count() == 1
     without_xla = fit_weights(
         keras_adamw.AdamW(learning_rate=0.01, jit_compile=False),
-        model_jit_compile)
+        model_jit_compile,
+    )
     for a, b in zip(ours, without_xla):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

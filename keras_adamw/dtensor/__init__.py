@@ -11,20 +11,11 @@ Example:
 >>> optimizer = keras_adamw.dtensor.AdamW(mesh, learning_rate=1e-3)
 """
 
-import os
-
-# DTensor's all-reduce combining pass re-sorts a step's operations by data
-# dependencies only, so a read of a variable can move before an earlier
-# write to it (seen in TF 2.21: the EMA read the pre-step weights). It is
-# read once, when the DTensor device starts: import keras_adamw before making
-# a mesh. MeshPlacement refuses to work if it is enabled.
-os.environ.setdefault("DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION", "0")
-
-from keras_adamw.dtensor.optimizers import Adam  # noqa: E402
-from keras_adamw.dtensor.optimizers import AdamW  # noqa: E402
-from keras_adamw.dtensor.placement import MeshPlacement  # noqa: E402
-from keras_adamw.dtensor.placement import state_bytes_per_device  # noqa: E402
-from keras_adamw import placement as _placement  # noqa: E402
+from keras_adamw import placement as _placement
+from keras_adamw.dtensor.optimizers import Adam
+from keras_adamw.dtensor.optimizers import AdamW
+from keras_adamw.dtensor.placement import MeshPlacement
+from keras_adamw.dtensor.placement import state_bytes_per_device
 
 # The core's `Adam(mesh=...)` makes its placement through this.
 _placement.register_mesh_placement(MeshPlacement)

@@ -10,8 +10,9 @@ class _OnMesh:
     """Puts a core optimizer on a mesh right after it is constructed."""
 
     def __init__(self, mesh, state_sharding_axis=None, **kwargs):
-        super().__init__(mesh=MeshPlacement(mesh, state_sharding_axis),
-                         **kwargs)
+        super().__init__(
+            mesh=MeshPlacement(mesh, state_sharding_axis), **kwargs
+        )
 
     def get_config(self):
         """The core optimizer's config plus `mesh` (its string form) and

@@ -20,6 +20,46 @@ from keras_adamw import adam_math
 from keras_adamw import placement
 from keras_adamw import validation
 
+COMBINE_FLAG = "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION"
+
+
+def _dtensor_device_started():
+    """Whether this process' DTensor device exists (TF's private
+    `dtensor.python.api._dtensor_singleton`; it starts at the first DTensor
+    operation, not at `create_mesh`)."""
+    from tensorflow.dtensor.python import api
+
+    return getattr(api, "_dtensor_singleton", None) is not None
+
+
+def turn_off_all_reduce_combining():
+    """Makes sure DTensor's all-reduce combining pass is off, or raises.
+
+    That pass re-sorts a step's operations by data dependencies only, so a
+    read of a variable can move before an earlier write to it (seen in TF
+    2.21: the EMA read the pre-step weights). DTensor reads
+    DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION once, when its device
+    starts (the first DTensor operation of the process): unset, it is set
+    to "0" here if the device has not started yet; a value other than "0",
+    or a device started with the variable unset, raises a `ValueError`."""
+    flag = os.environ.get(COMBINE_FLAG)
+    if flag is None and not _dtensor_device_started():
+        os.environ[COMBINE_FLAG] = "0"
+        return
+    if flag != "0":
+        raise ValueError(
+            f"{COMBINE_FLAG} must be '0' for keras_adamw's DTensor mode "
+            "(that pass can reorder a variable's read before its write). "
+            f"Received: {flag!r}"
+            + (
+                " after DTensor started. Create the MeshPlacement or "
+                "optimizer before the first DTensor operation (copy_to_mesh, "
+                "DVariable, ...), or set the variable to '0' before it."
+                if flag is None
+                else ". Unset it or set it to '0'."
+            )
+        )
+
 
 class MeshPlacement:
     """Places an optimizer's state on a DTensor mesh.
@@ -48,21 +88,18 @@ class MeshPlacement:
             raise TypeError(
                 "Argument `mesh` must be a tf.experimental.dtensor.Mesh (or "
                 "the string form `Mesh.to_string()` gives). "
-                f"Received: mesh={mesh!r}")
-        if (state_sharding_axis is not None
-                and state_sharding_axis not in mesh.dim_names):
+                f"Received: mesh={mesh!r}"
+            )
+        if (
+            state_sharding_axis is not None
+            and state_sharding_axis not in mesh.dim_names
+        ):
             raise ValueError(
                 "Argument `state_sharding_axis` must name a dimension of the "
                 f"mesh {list(mesh.dim_names)}. Received: "
-                f"state_sharding_axis={state_sharding_axis!r}")
-        flag = os.environ.get(
-            "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION")
-        if flag != "0":
-            raise ValueError(
-                "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION must be '0' "
-                "for keras_adamw's DTensor mode (that pass can reorder a "
-                f"variable's read before its write). Received: {flag!r}. "
-                "Unset it and import keras_adamw before creating a mesh.")
+                f"state_sharding_axis={state_sharding_axis!r}"
+            )
+        turn_off_all_reduce_combining()
         self.mesh = mesh
         self.state_sharding_axis = state_sharding_axis
 
@@ -77,10 +114,12 @@ class MeshPlacement:
         and only its layout is set.
         """
         if tf.executing_eagerly() and not (
-                tf.is_tensor(value) and dtensor.is_dtensor(value)):
+            tf.is_tensor(value) and dtensor.is_dtensor(value)
+        ):
             value = tf.convert_to_tensor(value, dtype=dtype)
             value = dtensor.copy_to_mesh(
-                value, self.replicated(value.shape.rank))
+                value, self.replicated(value.shape.rank)
+            )
         value = tf.convert_to_tensor(value)
         if dtype is not None:
             value = tf.cast(value, dtype)
@@ -91,8 +130,9 @@ class MeshPlacement:
     def make_variable(self, value, layout, name, trainable=False):
         """A `DVariable` holding `value` with `layout`, made eagerly."""
         with tf.init_scope():
-            return dtensor.DVariable(self.to_mesh(value, layout),
-                                     trainable=trainable, name=name)
+            return dtensor.DVariable(
+                self.to_mesh(value, layout), trainable=trainable, name=name
+            )
 
     def slot_layout(self, reference_layout, shape):
         """The layout of a slot of a variable with `reference_layout` and
@@ -115,12 +155,18 @@ class MeshPlacement:
         onto the mesh, as replicated scalar `DVariable`s, keeping them
         `keras.Variable`s (so Keras' code that uses them is unchanged)."""
         for variable in variables:
-            _keras_compat.replace_backing_variable(variable, self.make_variable(
-                tf.convert_to_tensor(variable.value), self.replicated(0),
-                name=variable.path))
+            _keras_compat.replace_backing_variable(
+                variable,
+                self.make_variable(
+                    tf.convert_to_tensor(variable.value),
+                    self.replicated(0),
+                    name=variable.path,
+                ),
+            )
 
-    def add_variable(self, optimizer, shape, initializer, dtype, aggregation,
-                     layout, name):
+    def add_variable(
+        self, optimizer, shape, initializer, dtype, aggregation, layout, name
+    ):
         """A `keras.Variable` holding a `DVariable` (replicated unless
         `layout` says otherwise), tracked by `optimizer`."""
         del aggregation  # tf.distribute only.
@@ -131,14 +177,18 @@ class MeshPlacement:
         with keras.name_scope(optimizer.name, caller=optimizer):
             variable = keras.Variable(
                 self.make_variable(value, layout, name=name),
-                dtype=dtype, trainable=False, name=name)
+                dtype=dtype,
+                trainable=False,
+                name=name,
+            )
         _keras_compat.track_variable(optimizer, variable)
         return variable
 
     def make_scalar(self, value, dtype, name):
         """A replicated scalar `DVariable`, not tracked by the optimizer."""
-        return self.make_variable(tf.constant(value, dtype), self.replicated(0),
-                                  name=name)
+        return self.make_variable(
+            tf.constant(value, dtype), self.replicated(0), name=name
+        )
 
     def add_slot(self, optimizer, reference, shape, initializer, name):
         """A slot laid out like its model variable (see `slot_layout`); a slot
@@ -147,12 +197,19 @@ class MeshPlacement:
         if shape is None:
             shape = tuple(reference.shape)
             layout = self.slot_layout(
-                validation.tf_variable(reference).layout, shape)
+                validation.tf_variable(reference).layout, shape
+            )
         else:
             layout = self.replicated(len(shape))
         return self.add_variable(
-            optimizer, shape, initializer, reference.dtype, "none", layout,
-            placement.slot_name(reference, name))
+            optimizer,
+            shape,
+            initializer,
+            reference.dtype,
+            "none",
+            layout,
+            placement.slot_name(reference, name),
+        )
 
     def check_variable(self, variable):
         """Raises unless `variable` is (a `keras.Variable` holding) a
@@ -164,12 +221,14 @@ class MeshPlacement:
                 f"Variable {describe(variable)!r} is a "
                 f"{type(backing).__name__}, not a DVariable: an optimizer on "
                 "a DTensor mesh updates only DVariables on that mesh "
-                "(DTensor and regular variables never meet in one update).")
+                "(DTensor and regular variables never meet in one update)."
+            )
         mesh = backing.layout.mesh
         if mesh != self.mesh:
             raise ValueError(
                 f"Variable {describe(variable)!r} lives on mesh {mesh}, not "
-                f"on the optimizer's mesh {self.mesh}.")
+                f"on the optimizer's mesh {self.mesh}."
+            )
 
     def place_gradient(self, gradient, variable):
         """The dense gradient in `variable`'s compute dtype, on the mesh with
@@ -183,18 +242,23 @@ class MeshPlacement:
         layout = variable.layout
         dtype = adam_math.compute_dtype(variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):
-            values = self.to_mesh(gradient.values,
-                                  self.replicated(gradient.values.shape.rank),
-                                  dtype=dtype)
+            values = self.to_mesh(
+                gradient.values,
+                self.replicated(gradient.values.shape.rank),
+                dtype=dtype,
+            )
             indices = self.to_mesh(gradient.indices, self.replicated(1))
             gradient = tf.math.unsorted_segment_sum(
-                values, indices, variable.shape[0])
+                values, indices, variable.shape[0]
+            )
         return self.to_mesh(gradient, layout, dtype=dtype)
 
     def place_scalars(self, scalars):
         """Hyperparameter tensors as replicated scalars on the mesh."""
-        return {name: self.to_mesh(value, self.replicated(0))
-                for name, value in scalars.items()}
+        return {
+            name: self.to_mesh(value, self.replicated(0))
+            for name, value in scalars.items()
+        }
 
     def numpy(self, variable):
         """The global value of a (possibly sharded) variable as an array."""
@@ -205,8 +269,9 @@ class MeshPlacement:
     def assign(self, variable, value):
         """Assigns an array (or tensor) to a variable, keeping its layout."""
         variable = validation.tf_variable(variable)
-        variable.assign(self.to_mesh(value, variable.layout,
-                                     dtype=variable.dtype))
+        variable.assign(
+            self.to_mesh(value, variable.layout, dtype=variable.dtype)
+        )
 
     def get_config(self):
         """The mesh in its string form (`dtensor.Mesh.from_string` reads
@@ -233,6 +298,9 @@ def state_bytes_per_device(optimizer):
     for variable in optimizer.variables:
         pieces = dtensor.unpack(tf.convert_to_tensor(variable))
         sizes = [int(np.prod(p.shape)) * p.dtype.size for p in pieces]
-        per_device = sizes if per_device is None else [
-            a + b for a, b in zip(per_device, sizes)]
+        per_device = (
+            sizes
+            if per_device is None
+            else [a + b for a, b in zip(per_device, sizes)]
+        )
     return per_device or []

@@ -56,12 +56,13 @@ U = dtensor.UNSHARDED
 OPTIMIZER_ARGS = dict(learning_rate=1e-2, amsgrad=True, use_ema=True)
 
 _INIT_RNG = np.random.RandomState(0)
-INIT = {"w1": (_INIT_RNG.randn(8, 16) * 0.3).astype("float32"),
-        "b1": np.zeros(16, "float32"),
-        "w2": (_INIT_RNG.randn(16, 4) * 0.3).astype("float32"),
-        "b2": np.zeros(4, "float32")}
-LAYOUTS = {"w1": [U, "model"], "b1": ["model"], "w2": ["model", U],
-           "b2": [U]}
+INIT = {
+    "w1": (_INIT_RNG.randn(8, 16) * 0.3).astype("float32"),
+    "b1": np.zeros(16, "float32"),
+    "w2": (_INIT_RNG.randn(16, 4) * 0.3).astype("float32"),
+    "b2": np.zeros(4, "float32"),
+}
+LAYOUTS = {"w1": [U, "model"], "b1": ["model"], "w2": ["model", U], "b2": [U]}
 
 
 def global_batches(steps):
@@ -111,19 +112,24 @@ def feed(array, layout, how="pack"):
     """
     if how == "pack":
         return dtensor.pack(
-            [tf.constant(p) for p in local_shards(array, layout)], layout)
+            [tf.constant(p) for p in local_shards(array, layout)], layout
+        )
     replicated = dtensor.copy_to_mesh(
-        tf.constant(array), dtensor.Layout.replicated(layout.mesh,
-                                                      layout.rank))
+        tf.constant(array), dtensor.Layout.replicated(layout.mesh, layout.rank)
+    )
     return dtensor.relayout(replicated, layout)
 
 
 def local_batch_rows(tensor, array):
     """For each of this client's components of the DTensor `tensor`, the
     rows of the global batch `array` it holds."""
-    return [[int(np.flatnonzero((array == row).all(axis=1))[0])
-             for row in component.numpy()]
-            for component in dtensor.unpack(tensor)]
+    return [
+        [
+            int(np.flatnonzero((array == row).all(axis=1))[0])
+            for row in component.numpy()
+        ]
+        for component in dtensor.unpack(tensor)
+    ]
 
 
 def mlp(weights, x):
@@ -157,30 +163,44 @@ def train_on_mesh(mesh, steps, how="pack"):
     ({name: global array}, info)."""
     place = MeshPlacement(mesh)
     batch_layout = dtensor.Layout(["batch", U], mesh)
-    weights = [place.make_variable(tf.constant(INIT[k]),
-                                   dtensor.Layout(LAYOUTS[k], mesh),
-                                   name=k, trainable=True) for k in INIT]
+    weights = [
+        place.make_variable(
+            tf.constant(INIT[k]),
+            dtensor.Layout(LAYOUTS[k], mesh),
+            name=k,
+            trainable=True,
+        )
+        for k in INIT
+    ]
     optimizer = keras_adamw.dtensor.AdamW(mesh, **OPTIMIZER_ARGS)
     batches = global_batches(steps)
-    on_mesh = [(feed(x, batch_layout, how), feed(y, batch_layout, how))
-               for x, y in batches]
+    on_mesh = [
+        (feed(x, batch_layout, how), feed(y, batch_layout, how))
+        for x, y in batches
+    ]
     losses = train(weights, optimizer, on_mesh)
     # Global values: `MeshPlacement.numpy` relayouts to replicated (an
     # all-gather across all clients' devices) and takes this client's first
     # local component; it works unchanged on a multi-client mesh.
     arrays = {f"init_{i}": INIT[k] for i, k in enumerate(INIT)}
-    arrays.update({f"weight_{i}": place.numpy(w)
-                   for i, w in enumerate(weights)})
-    arrays.update({f"optimizer_{i}": place.numpy(v)
-                   for i, v in enumerate(optimizer.variables)})
+    arrays.update(
+        {f"weight_{i}": place.numpy(w) for i, w in enumerate(weights)}
+    )
+    arrays.update(
+        {
+            f"optimizer_{i}": place.numpy(v)
+            for i, v in enumerate(optimizer.variables)
+        }
+    )
     arrays["loss"] = np.array([place.numpy(loss) for loss in losses])
-    info = {"mesh": mesh.to_string(),
-            "local_device_ids": [int(i) for i in mesh.local_device_ids()],
-            "local_devices": [str(d) for d in mesh.local_devices()],
-            "local_batch_rows": local_batch_rows(on_mesh[0][0],
-                                                 batches[0][0]),
-            "feed": how,
-            "optimizer_paths": [v.path for v in optimizer.variables]}
+    info = {
+        "mesh": mesh.to_string(),
+        "local_device_ids": [int(i) for i in mesh.local_device_ids()],
+        "local_devices": [str(d) for d in mesh.local_devices()],
+        "local_batch_rows": local_batch_rows(on_mesh[0][0], batches[0][0]),
+        "feed": how,
+        "optimizer_paths": [v.path for v in optimizer.variables],
+    }
     return arrays, info
 
 
@@ -189,12 +209,18 @@ def train_core(steps):
     returns ({name: array}, optimizer variable paths)."""
     weights = [tf.Variable(INIT[k], name=k) for k in INIT]
     optimizer = keras_adamw.AdamW(**OPTIMIZER_ARGS)
-    losses = train(weights, optimizer,
-                   [(tf.constant(x), tf.constant(y))
-                    for x, y in global_batches(steps)])
+    losses = train(
+        weights,
+        optimizer,
+        [(tf.constant(x), tf.constant(y)) for x, y in global_batches(steps)],
+    )
     arrays = {f"weight_{i}": w.numpy() for i, w in enumerate(weights)}
-    arrays.update({f"optimizer_{i}": v.numpy()
-                   for i, v in enumerate(optimizer.variables)})
+    arrays.update(
+        {
+            f"optimizer_{i}": v.numpy()
+            for i, v in enumerate(optimizer.variables)
+        }
+    )
     arrays["loss"] = np.array([float(loss) for loss in losses])
     return arrays, [v.path for v in optimizer.variables]
 
@@ -213,7 +239,9 @@ def main():
     client_id = dtensor.client_id()
     # DTensor's C++ side reads DTENSOR_NUM_CLIENTS itself: keep it in line.
     assert int(os.environ.get("DTENSOR_NUM_CLIENTS", "1")) == num_clients, (
-        os.environ.get("DTENSOR_NUM_CLIENTS"), num_clients)
+        os.environ.get("DTENSOR_NUM_CLIENTS"),
+        num_clients,
+    )
     # The logical devices first, before anything initializes the TF
     # context. Then the accelerator system: in multi-client mode
     # (DTENSOR_JOBS set) it starts this client's gRPC server on its

@@ -51,8 +51,11 @@ def parse_args():
     parser.add_argument("--marker", default=None)
     # How a multi-worker run splits the global batches (see make_dataset);
     # the tests use the default, the others reproduce our measurements.
-    parser.add_argument("--split", default="halves",
-                        choices=["halves", "keras_auto", "auto_shard_off"])
+    parser.add_argument(
+        "--split",
+        default="halves",
+        choices=["halves", "keras_auto", "auto_shard_off"],
+    )
     args = parser.parse_args()
     if args.crash_at_step is not None and not args.marker:
         parser.error("--crash_at_step needs --marker")
@@ -70,7 +73,10 @@ if ARGS.multi_worker:
     STRATEGY = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=(
-                tf.distribute.experimental.CommunicationImplementation.RING)))
+                tf.distribute.experimental.CommunicationImplementation.RING
+            )
+        )
+    )
     assert STRATEGY.num_replicas_in_sync == 2, STRATEGY.num_replicas_in_sync
 else:
     STRATEGY = tf.distribute.get_strategy()
@@ -81,8 +87,10 @@ import keras_adamw  # noqa: E402
 
 RNG = np.random.RandomState(0)
 X = RNG.normal(size=(EXAMPLES, 4)).astype("float32")
-Y = (np.sin(X @ np.array([[1.0], [-2.0], [0.5], [1.5]]))
-     + 0.1 * RNG.normal(size=(EXAMPLES, 1))).astype("float32")
+Y = (
+    np.sin(X @ np.array([[1.0], [-2.0], [0.5], [1.5]]))
+    + 0.1 * RNG.normal(size=(EXAMPLES, 1))
+).astype("float32")
 
 
 def global_batches():
@@ -122,14 +130,16 @@ def make_dataset():
     if ARGS.split == "auto_shard_off":
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.OFF)
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
         return global_batches().with_options(options)
 
     def worker_dataset(context):
         size = context.get_per_replica_batch_size(GLOBAL_BATCH)
         begin = context.input_pipeline_id * size
-        return global_batches().map(lambda x, y: (x[begin:begin + size],
-                                                  y[begin:begin + size]))
+        return global_batches().map(
+            lambda x, y: (x[begin : begin + size], y[begin : begin + size])
+        )
 
     return STRATEGY.distribute_datasets_from_function(worker_dataset)
 
@@ -161,8 +171,10 @@ def work_around_keras_multi_worker_fit(model):
     train_step = model.train_step
 
     def train_step_with_vector_logs(data):
-        return {name: tf.reshape(value, [1])
-                for name, value in train_step(data).items()}
+        return {
+            name: tf.reshape(value, [1])
+            for name, value in train_step(data).items()
+        }
 
     def maybe_symbolic_build(iterator=None, data_batch=None):
         strategy = model.distribute_strategy
@@ -170,7 +182,8 @@ def work_around_keras_multi_worker_fit(model):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda v: strategy.experimental_local_results(v)[0],
-                    next(batches))
+                    next(batches),
+                )
                 break
         with strategy.scope():
             model._symbolic_build(data_batch=data_batch)
@@ -190,8 +203,12 @@ class Record(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.events = {"task": task_index(), "epochs_run": [],
-                       "first_epoch": None, "iterations_at_start": None}
+        self.events = {
+            "task": task_index(),
+            "epochs_run": [],
+            "first_epoch": None,
+            "iterations_at_start": None,
+        }
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.events["first_epoch"] is None:
@@ -201,7 +218,8 @@ class Record(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.events["iterations_at_start"] is None:
             self.events["iterations_at_start"] = int(
-                self.model.optimizer.iterations.numpy())
+                self.model.optimizer.iterations.numpy()
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         if ARGS.crash_at_step is None or os.path.exists(ARGS.marker):
@@ -219,28 +237,45 @@ def main():
     keras.config.disable_traceback_filtering()
     with STRATEGY.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh"),
-            keras.layers.Dense(1),
-        ])
-        optimizer = keras_adamw.AdamW(learning_rate=0.01, amsgrad=True,
-                                      use_ema=True,
-                                      gradient_accumulation_steps=2)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.Dense(1),
+            ]
+        )
+        optimizer = keras_adamw.AdamW(
+            learning_rate=0.01,
+            amsgrad=True,
+            use_ema=True,
+            gradient_accumulation_steps=2,
+        )
         model.compile(optimizer=optimizer, loss="mse")
     if ARGS.multi_worker:
         work_around_keras_multi_worker_fit(model)
     record = Record()
     callbacks = []
     if ARGS.backup_dir:
-        callbacks.append(keras.callbacks.BackupAndRestore(
-            ARGS.backup_dir, save_freq="epoch"))
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(
+                ARGS.backup_dir, save_freq="epoch"
+            )
+        )
     callbacks.append(record)
-    model.fit(make_dataset(), epochs=EPOCHS, shuffle=False, verbose=0,
-              callbacks=callbacks)
+    model.fit(
+        make_dataset(),
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
     arrays = {f"weight_{i}": w for i, w in enumerate(model.get_weights())}
-    arrays.update({f"optimizer_{i}": v.numpy()
-                   for i, v in enumerate(optimizer.variables)})
+    arrays.update(
+        {
+            f"optimizer_{i}": v.numpy()
+            for i, v in enumerate(optimizer.variables)
+        }
+    )
     record.events["optimizer_paths"] = [v.path for v in optimizer.variables]
     np.savez(ARGS.out, events=json.dumps(record.events), **arrays)
 

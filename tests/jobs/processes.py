@@ -18,15 +18,21 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 # What makes a process part of a cluster; a job starts without them unless
 # its test sets them.
-CLUSTER_VARIABLES = ("DTENSOR_JOBS", "DTENSOR_CLIENT_ID",
-                     "DTENSOR_NUM_CLIENTS", "DTENSOR_JOB_NAME", "TF_CONFIG")
+CLUSTER_VARIABLES = (
+    "DTENSOR_JOBS",
+    "DTENSOR_CLIENT_ID",
+    "DTENSOR_NUM_CLIENTS",
+    "DTENSOR_JOB_NAME",
+    "TF_CONFIG",
+)
 
 
 def free_ports(count):
     """`count` distinct free ports on 127.0.0.1: bound together (so they
     differ), then released for the processes' gRPC servers."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-               for _ in range(count)]
+    sockets = [
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)
+    ]
     try:
         for sock in sockets:
             sock.bind(("127.0.0.1", 0))
@@ -39,8 +45,9 @@ def free_ports(count):
 def job_env(**variables):
     """This process's environment for a job: quiet TensorFlow logs, the
     TensorFlow backend, no cluster variables, then `variables`."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               KERAS_BACKEND="tensorflow")
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow"
+    )
     for name in CLUSTER_VARIABLES:
         env.pop(name, None)
     env.update(variables)
@@ -81,16 +88,21 @@ class Processes:
         with `env` (default: `job_env()`)."""
         with open(self.log_dir / f"{name}.log", "w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", f"tests.jobs.{job}", *flags], cwd=ROOT,
-                env=job_env() if env is None else env, stdout=log,
-                stderr=subprocess.STDOUT)
+                [sys.executable, "-m", f"tests.jobs.{job}", *flags],
+                cwd=ROOT,
+                env=job_env() if env is None else env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.started[name] = process
         return process
 
     def log(self, name):
         text = (self.log_dir / f"{name}.log").read_text(errors="replace")
-        return f"--- {name} (last 3000 characters of its log) ---\n" + (
-            text[-3000:])
+        return (
+            f"--- {name} (last 3000 characters of its log) ---\n"
+            + (text[-3000:])
+        )
 
     def wait(self, names, timeout, stop_on_failure=False):
         """Waits until the processes `names` exit (or, with
@@ -102,8 +114,9 @@ class Processes:
             codes = [self.started[n].poll() for n in names]
             if all(code is not None for code in codes):
                 break
-            if stop_on_failure and any(code not in (None, 0)
-                                       for code in codes):
+            if stop_on_failure and any(
+                code not in (None, 0) for code in codes
+            ):
                 break
             time.sleep(0.2)
         return {n: self.started[n].poll() for n in names}
@@ -115,4 +128,5 @@ class Processes:
         assert not failed, (
             f"exit codes {codes} (None: still running after {timeout} s "
             "or when another failed)\n"
-            + "\n".join(self.log(n) for n in failed))
+            + "\n".join(self.log(n) for n in failed)
+        )

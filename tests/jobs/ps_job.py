@@ -27,20 +27,34 @@ ARGS = parser.parse_args()
 
 
 ports = free_ports(3)
-cluster = tf.train.ClusterSpec({
-    "worker": [f"127.0.0.1:{port}" for port in ports[:2]],
-    "ps": [f"127.0.0.1:{ports[2]}"],
-})
+cluster = tf.train.ClusterSpec(
+    {
+        "worker": [f"127.0.0.1:{port}" for port in ports[:2]],
+        "ps": [f"127.0.0.1:{ports[2]}"],
+    }
+)
 # With 2 cores, a server's default inter-op pool can block on remote reads.
 config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=8)
-servers = [tf.distribute.Server(cluster, job_name="worker", task_index=i,
-                                protocol="grpc", config=config)
-           for i in range(2)]
-servers.append(tf.distribute.Server(cluster, job_name="ps", task_index=0,
-                                    protocol="grpc", config=config))
+servers = [
+    tf.distribute.Server(
+        cluster,
+        job_name="worker",
+        task_index=i,
+        protocol="grpc",
+        config=config,
+    )
+    for i in range(2)
+]
+servers.append(
+    tf.distribute.Server(
+        cluster, job_name="ps", task_index=0, protocol="grpc", config=config
+    )
+)
 strategy = tf.distribute.ParameterServerStrategy(
     tf.distribute.cluster_resolver.SimpleClusterResolver(
-        cluster, rpc_layer="grpc"))
+        cluster, rpc_layer="grpc"
+    )
+)
 coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
 
 import keras  # noqa: E402
@@ -60,7 +74,8 @@ with strategy.scope():
     optimizer = keras_adamw.AdamW(learning_rate=0.1)  # jit_compile=True
     optimizer.build([kernel, bias])
 RESULTS["variables_on_ps"] = all(
-    "/job:ps" in v.device for v in [kernel, bias, optimizer.iterations.value])
+    "/job:ps" in v.device for v in [kernel, bias, optimizer.iterations.value]
+)
 
 
 @tf.function
@@ -81,7 +96,8 @@ with warnings.catch_warnings(record=True) as caught:
     coordinator.join()
 RESULTS["fallback_warnings"] = sum(
     "cannot run under ParameterServerStrategy" in str(w.message)
-    for w in caught)
+    for w in caught
+)
 RESULTS["first_loss"] = float(losses[0].fetch())
 RESULTS["last_loss"] = float(losses[-1].fetch())
 RESULTS["iterations"] = int(optimizer.iterations.numpy())
@@ -92,8 +108,12 @@ with strategy.scope():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras_adamw.AdamW(), loss="mse")
 try:
-    model.fit(tf.data.Dataset.from_tensor_slices((X, Y)).batch(4).repeat(),
-              epochs=1, steps_per_epoch=2, verbose=0)
+    model.fit(
+        tf.data.Dataset.from_tensor_slices((X, Y)).batch(4).repeat(),
+        epochs=1,
+        steps_per_epoch=2,
+        verbose=0,
+    )
     RESULTS["keras_fit_error"] = None
 except Exception as error:  # noqa: BLE001 - recording Keras' failure.
     RESULTS["keras_fit_error"] = str(error)[:500]
