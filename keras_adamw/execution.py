@@ -94,30 +94,12 @@ class Programs:
             )
         return self._compiled[function]
 
-    def run(
-        self,
-        function,
-        jit_compile,
-        gradients,
-        indices,
-        state,
-        hyper,
-        config,
-        guards=(),
-    ):
-        """Runs `function` (a step function of `keras_adamw.step`) with XLA
-        or op by op, where the variables live; see `run`."""
-        run(
-            function,
-            self.compiled(function) if jit_compile else None,
-            jit_compile,
-            gradients,
-            indices,
-            state,
-            hyper,
-            config,
-            guards,
-        )
+    def run(self, function, jit_compile, *arguments, guards=()):
+        """Runs `function` (a step function of `keras_adamw.step`) on
+        `arguments` (gradients, indices, state, hyper, config) with XLA or
+        op by op, where the variables live; see `run`."""
+        compiled = self.compiled(function) if jit_compile else None
+        run(function, compiled, jit_compile, *arguments, guards=guards)
 
 
 def _after_inputs(program, guards):

@@ -348,28 +348,23 @@ class Adam(
             )
             # A copy: nothing for XLA to fuse, and an eager XLA call cannot
             # reach a strategy's other replicas from the caller's device.
-            self._programs.value.run(
-                step.copy_averages,
-                False,
-                [],
-                indices,
-                self._state(),
-                {},
-                self._step_config(),
-            )
+            self._run(step.copy_averages, [], indices, {}, jit_compile=False)
 
-    def _run(self, function, gradients, indices, hyper, guards=()):
+    def _run(
+        self, function, gradients, indices, hyper, guards=(), jit_compile=None
+    ):
         """Runs a step function on the optimizer's state (see
-        `execution.Programs.run`)."""
+        `execution.Programs.run`), with XLA as `jit_compile` (default: the
+        optimizer's) says."""
         self._programs.value.run(
             function,
-            self.jit_compile,
+            self.jit_compile if jit_compile is None else jit_compile,
             gradients,
             indices,
             self._state(),
             self._placement.place_scalars(hyper),
             self._step_config(),
-            guards,
+            guards=guards,
         )
 
     # ------------------------------------------------------------------
