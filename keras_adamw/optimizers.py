@@ -14,6 +14,7 @@ The formula is in `adam_math`; state I/O in `state_io`; the Keras 2 API in
 `keras2_api`; every private Keras name in `_keras_compat`.
 """
 
+import functools
 import warnings
 
 import keras
@@ -255,7 +256,7 @@ class Adam(
             grads,
             trainable_variables,
             placement=self._placement,
-            is_known=(lambda v: _keras_compat.is_built_variable(self, v))
+            is_known=functools.partial(_keras_compat.is_built_variable, self)
             if self.built
             else None,
             optimizer_name=self.name,
@@ -308,17 +309,20 @@ class Adam(
         >>> w.numpy().round(4).tolist()
         [0.5]
         """
-        call_checks.check_variable(variable)
-        if not self.built or not _keras_compat.is_built_variable(
-            self, variable
-        ):
+        if not self.built:
             raise ValueError(
                 f"Unknown variable {validation.variable_name(variable)!r}: "
-                f"optimizer {self.name!r} was not built with it; call "
+                f"optimizer {self.name!r} is not built; call "
                 "`optimizer.build(variables)` first."
             )
-        call_checks.check_gradient(gradient, variable)
-        gradient = call_checks.check_sparse_indices(gradient, variable)
+        # The same checks as a step's, for this one pair.
+        ((gradient, variable),), _ = call_checks.check_pairs(
+            [gradient],
+            [variable],
+            placement=self._placement,
+            is_known=functools.partial(_keras_compat.is_built_variable, self),
+            optimizer_name=self.name,
+        )
         index = _keras_compat.variable_index(self, variable)
         self._run(
             step.update_one,
