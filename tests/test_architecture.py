@@ -74,19 +74,24 @@ def imported_names(node):
     return [getattr(node, "module", None) or ""] + [a.name for a in node.names]
 
 
+def syntax_nodes(paths, skip=()):
+    """`(path, node)` for every syntax node of `paths`, but files named in
+    `skip`."""
+    for path in paths:
+        if path.name not in skip:
+            for node in ast.walk(ast.parse(path.read_text())):
+                yield path, node
+
+
 def test_keras_private_names_are_only_in_the_compat_module():
     private = keras_private_names()
     assert {"_iterations", "_var_key", "_initialize"} <= private
     offenders = []
-    for path in ALL:
-        if path.name == "_keras_compat.py":
-            continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in private:
-                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
-            if any(n.startswith("keras.src") for n in imported_names(node)):
-                offenders.append(f"{path.name}:{node.lineno} keras.src")
+    for path, node in syntax_nodes(ALL, skip=["_keras_compat.py"]):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+        if any(n.startswith("keras.src") for n in imported_names(node)):
+            offenders.append(f"{path.name}:{node.lineno} keras.src")
     assert not offenders, offenders
 
 
@@ -107,45 +112,40 @@ def test_core_has_no_dtensor_branch_or_import():
     """`placement.placement_for` is the one place that picks local or mesh;
     no other core module asks."""
     offenders = []
-    for path in CORE:
-        if path.name == "placement.py":
-            continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if any("dtensor" in n for n in imported_names(node)) and (
-                path.name != "__init__.py"
+    for path, node in syntax_nodes(CORE, skip=["placement.py"]):
+        if any("dtensor" in n for n in imported_names(node)) and (
+            path.name != "__init__.py"
+        ):
+            offenders.append(f"{path.name}:{node.lineno} import")
+        if isinstance(node, (ast.If, ast.IfExp)):
+            test = ast.unparse(node.test)
+            if any(
+                word in test.lower()
+                for word in ("mesh", "placement", "dvariable", "dtensor")
             ):
-                offenders.append(f"{path.name}:{node.lineno} import")
-            if isinstance(node, (ast.If, ast.IfExp)):
-                test = ast.unparse(node.test)
-                if any(
-                    word in test.lower()
-                    for word in ("mesh", "placement", "dvariable", "dtensor")
-                ):
-                    offenders.append(f"{path.name}:{node.lineno} {test}")
+                offenders.append(f"{path.name}:{node.lineno} {test}")
     assert not offenders, offenders
 
 
 def test_imports_run_down_the_layers():
     offenders = []
-    for path in ALL:
+    for path, node in syntax_nodes(ALL):
         module = "dtensor" if path.parent.name == "dtensor" else path.stem
-        for node in ast.walk(ast.parse(path.read_text())):
-            imported = []
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.module
-                and (node.module.startswith("keras_adamw"))
-            ):
-                if node.module == "keras_adamw":
-                    imported = [a.name for a in node.names]
-                else:
-                    imported = [node.module.split(".")[1]]
-            for name in imported:
-                if name == module:
-                    continue
-                if _layer(name) >= _layer(module):
-                    offenders.append(f"{path}: {module} imports {name}")
+        imported = []
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module.startswith("keras_adamw"))
+        ):
+            if node.module == "keras_adamw":
+                imported = [a.name for a in node.names]
+            else:
+                imported = [node.module.split(".")[1]]
+        for name in imported:
+            if name == module:
+                continue
+            if _layer(name) >= _layer(module):
+                offenders.append(f"{path}: {module} imports {name}")
     assert not offenders, offenders
 
 
