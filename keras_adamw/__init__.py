@@ -77,9 +77,21 @@ _keras_compat.check_keras_version()
 
 from keras_adamw import adam_math  # noqa: E402
 from keras_adamw import dtensor  # noqa: E402
+from keras_adamw import explain  # noqa: E402
+from keras_adamw import rules  # noqa: E402
 from keras_adamw.callbacks import OptimizerLogger  # noqa: E402
+from keras_adamw.layerwise import layerwise_lr_decay  # noqa: E402
 from keras_adamw.optimizers import Adam  # noqa: E402
 from keras_adamw.optimizers import AdamW  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "OptimizerLogger", "adam_math", "dtensor"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "OptimizerLogger",
+    "adam_math",
+    "dtensor",
+    "explain",
+    "layerwise_lr_decay",
+    "rules",
+]

@@ -8,7 +8,9 @@ variable: each takes tensors and returns tensors; the caller assigns.
 The formula is Keras 3's (`keras.optimizers.AdamW`), with `t = iterations + 1`:
 
     alpha    = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
-    variable = variable - variable * weight_decay * lr        (AdamW only)
+    variable = variable - variable * weight_decay * lr        (AdamW only;
+               or variable - variable * weight_decay with
+               weight_decay_mode="independent")
     momentum = momentum + (gradient - momentum) * (1 - beta_1)
     velocity = velocity + (gradient^2 - velocity) * (1 - beta_2)
     velocity_hat = max(velocity_hat, velocity)                (amsgrad only)
@@ -31,6 +33,10 @@ AdamState.__doc__ = """Values of one model variable and its slots after a step.
 """
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+# How weight decay is scaled: by the learning rate (Keras, torch, optax) or
+# not (Loshchilov & Hutter's decoupled form, tfa).
+WEIGHT_DECAY_MODES = ("lr_scaled", "independent")
 
 
 def as_scalar(value, dtype):
@@ -116,14 +122,19 @@ def step_size(learning_rate, beta_1, beta_2, step):
     return learning_rate * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
 
-def decay_weights(variable, learning_rate, weight_decay):
-    """Returns `variable` after decoupled weight decay (`var -= var*wd*lr`).
+def decay_weights(variable, learning_rate, weight_decay, mode="lr_scaled"):
+    """Returns `variable` after decoupled weight decay: `var -= var*wd*lr`
+    (`mode="lr_scaled"`) or `var -= var*wd` (`mode="independent"`).
 
     Example:
 
     >>> float(decay_weights(tf.constant(2.0), 0.5, 0.1))
     1.9
+    >>> float(decay_weights(tf.constant(2.0), 0.5, 0.1, "independent"))
+    1.8
     """
+    if mode == "independent":
+        return variable - variable * weight_decay
     return variable - variable * weight_decay * learning_rate
 
 
@@ -173,6 +184,7 @@ def adam_update(
     epsilon,
     step,
     weight_decay=None,
+    weight_decay_mode="lr_scaled",
 ):
     """One Adam (or AdamW when `weight_decay` is given) step of one variable.
 
@@ -191,6 +203,8 @@ def adam_update(
         epsilon: Added to `sqrt(velocity)`.
         step: The 1-based step number `t`.
         weight_decay: Decoupled weight decay, or `None` for none.
+        weight_decay_mode: `"lr_scaled"` or `"independent"` (see
+            `decay_weights`).
 
     Returns:
         An `AdamState` with the new values.
@@ -206,7 +220,9 @@ def adam_update(
     """
     alpha = step_size(learning_rate, beta_1, beta_2, step)
     if weight_decay is not None:
-        variable = decay_weights(variable, learning_rate, weight_decay)
+        variable = decay_weights(
+            variable, learning_rate, weight_decay, weight_decay_mode
+        )
     momentum = update_momentum(momentum, gradient, beta_1)
     velocity = update_velocity(velocity, gradient, beta_2)
     denominator_velocity = velocity

@@ -18,8 +18,11 @@ use in `keras_adamw.step`.
 import collections
 import numbers
 
+import keras
 import tensorflow as tf
 
+from keras_adamw import adam_math
+from keras_adamw import rules
 from keras_adamw import validation
 
 Hyperparameter = collections.namedtuple(
@@ -44,9 +47,12 @@ Hyperparameter.__doc__ = """One row of the table.
 - `"number"`: a finite float in `[low, high]` (`high` excluded when
   `high_open`); `"number_or_callable"` also accepts scalar tensors and
   zero-argument callables (range-checked when evaluated);
-- `"number_or_none"`: a number or `None`; `"positive_or_none"`: a number
-  `> 0` or `None`;
-- `"int_or_none"`: an int `>= low` or `None`; `"bool"`.
+- `"positive_or_none"`: a number `> 0` or `None`;
+- `"decay"`: `None`, a number `>= low`, a `LearningRateSchedule` (called
+  with the step counter) or a zero-argument callable;
+- `"int_or_none"`: an int `>= low` or `None`; `"bool"`;
+- `"choice"`: one of the strings `CHOICES[name]`;
+- `"rules"`: per-variable rules (see `keras_adamw.rules`).
 
 `in_step`: the step reads it as a scalar tensor. `structural`: it decides
 which slots exist, so it cannot change once the optimizer is built.
@@ -61,8 +67,7 @@ _ROWS = [
     ("beta_2", "number_or_callable", 0.0, 1.0, True, 0.999, True, False,
      False),
     ("epsilon", "number", 0.0, None, False, 1e-7, True, False, False),
-    ("weight_decay", "number_or_none", 0.0, None, False, None, True, False,
-     True),
+    ("weight_decay", "decay", 0.0, None, False, None, True, False, True),
     ("amsgrad", "bool", None, None, False, False, False, True, False),
     ("clipnorm", "positive_or_none", 0.0, None, False, None, False, False,
      True),
@@ -79,11 +84,17 @@ _ROWS = [
     ("gradient_accumulation_steps", "int_or_none", 2, None, False, None,
      False, True, True),
     ("jit_compile", "bool", None, None, False, True, False, False, False),
+    ("variable_rules", "rules", None, None, False, None, False, False, False),
+    ("weight_decay_mode", "choice", None, None, False, "lr_scaled", False,
+     False, False),
 ]
 # fmt: on
 TABLE = collections.OrderedDict(
     (row[0], Hyperparameter(*row)) for row in _ROWS
 )
+
+# The values a `"choice"` hyperparameter may take.
+CHOICES = {"weight_decay_mode": adam_math.WEIGHT_DECAY_MODES}
 
 # Keys `get_config` adds to the base class' config.
 EXTRA_CONFIG = tuple(h.name for h in TABLE.values() if not h.in_base_config)
@@ -121,8 +132,24 @@ def check(name, value):
         return validation.check_bool(name, value)
     if kind == "int_or_none":
         return validation.check_positive_int_or_none(name, value, row.low)
-    if value is None and kind in ("number_or_none", "positive_or_none"):
+    if kind == "rules":
+        return rules.check_rules(value)
+    if kind == "choice":
+        if value not in CHOICES[name]:
+            raise ValueError(
+                f"Argument `{name}` must be one of "
+                f"{', '.join(map(repr, CHOICES[name]))}. "
+                f"Received: {name}={value!r}"
+            )
+        return value
+    if value is None and kind == "positive_or_none":
         return None
+    if kind == "decay":
+        if value is None or isinstance(value, _SCHEDULE):
+            return value
+        return validation.check_number(
+            name, value, allow_callable=True, **_range_kwargs(row)
+        )
     number = validation.check_number(
         name,
         value,
@@ -135,6 +162,9 @@ def check(name, value):
             f"Argument `{name}` must be > 0 or None. Received: {name}={value}"
         )
     return number
+
+
+_SCHEDULE = keras.optimizers.schedules.LearningRateSchedule
 
 
 def check_clip_options(values):
@@ -295,7 +325,13 @@ class HyperparameterAttributes:
         super().__setattr__(name, value)
 
     def get_config(self):
-        """Returns the constructor arguments as a serializable dict.
+        """Returns the constructor arguments as a serializable dict: a
+        `weight_decay` schedule serialized as Keras serializes learning-rate
+        schedules, `variable_rules` as `[pattern, overrides]` lists.
+
+        Raises:
+            ValueError: If `weight_decay` is a callable that is not a
+                `LearningRateSchedule` (it cannot be saved).
 
         Example:
 
@@ -304,5 +340,52 @@ class HyperparameterAttributes:
         """
         config = super().get_config()
         config.update({name: getattr(self, name) for name in EXTRA_CONFIG})
+        config["variable_rules"] = rules.to_config(self.variable_rules)
+        config["weight_decay"] = serialize_decay(self.weight_decay)
         config.update(self._placement.get_config())
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Creates the optimizer from `get_config`'s dict (a serialized
+        `weight_decay` schedule is deserialized).
+
+        Example:
+
+        >>> schedule = keras.optimizers.schedules.ExponentialDecay(
+        ...     0.01, decay_steps=10, decay_rate=0.5)
+        >>> config = keras_adamw.AdamW(weight_decay=schedule).get_config()
+        >>> type(keras_adamw.AdamW.from_config(config).weight_decay).__name__
+        'ExponentialDecay'
+        """
+        config = dict(config)
+        if isinstance(config.get("weight_decay"), dict):
+            config["weight_decay"] = keras.optimizers.schedules.deserialize(
+                config["weight_decay"], custom_objects=custom_objects
+            )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def serialize_decay(weight_decay):
+    """`weight_decay` as `get_config` writes it.
+
+    Example:
+
+    >>> serialize_decay(0.01)
+    0.01
+    >>> serialize_decay(lambda: 0.01)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
+    """
+    if isinstance(weight_decay, _SCHEDULE):
+        return keras.optimizers.schedules.serialize(weight_decay)
+    if callable(weight_decay):
+        raise ValueError(
+            "`get_config` cannot save `weight_decay` given as the callable "
+            f"{weight_decay!r}: a config holds no code. Use a "
+            "`keras.optimizers.schedules.LearningRateSchedule` (registered "
+            "with `keras.saving.register_keras_serializable` if it is your "
+            "own) or a float."
+        )
+    return weight_decay

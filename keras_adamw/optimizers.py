@@ -1,25 +1,20 @@
-"""`keras_adamw.Adam` and `keras_adamw.AdamW`: the Keras-facing classes.
+"""`keras_adamw.Adam` and `keras_adamw.AdamW`: the Keras-facing classes,
+their constructor and `build`.
 
-A step (`apply`) goes:
-
-1. check the gradients and variables (`validation`; nothing has changed
-   yet if this raises);
-2. build the slots on first use (`slots`, made through the `placement`);
-3. bring the gradients (densified, duplicate indices summed) and the
-   hyperparameters (`hyperparams.step_tensors`) to where the variables live;
-4. hand the step to `execution`, which runs `step.apply_step` as one XLA
-   program or op by op.
-
-The formula is in `adam_math`; state I/O in `state_io`; the Keras 2 API in
-`keras2_api`; every private Keras name in `_keras_compat`.
+Each concept is a mixin in its own module: a step's orchestration in
+`applying`, hyperparameter checks and `get_config` in `hyperparams`,
+per-variable rules and `explain()` in `variable_rules`, state I/O in
+`state_io`, the Keras 2 API in `keras2_api`, what a step reads in
+`step_inputs`, the learning rate in `learning_rate`; the formula is in
+`adam_math`; every private Keras name in `_keras_compat`.
 """
 
-import functools
 import warnings
 
 import keras
 
 from keras_adamw import _keras_compat
+from keras_adamw import applying
 from keras_adamw import call_checks
 from keras_adamw import execution
 from keras_adamw import hyperparams
@@ -28,19 +23,18 @@ from keras_adamw import learning_rate as learning_rate_lib
 from keras_adamw import placement as placement_lib
 from keras_adamw import slots
 from keras_adamw import state_io
-from keras_adamw import step
 from keras_adamw import step_inputs
-from keras_adamw import validation
-from keras_adamw import weight_decay as weight_decay_lib
+from keras_adamw import variable_rules
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
 class Adam(
+    applying.ApplyGradients,
     hyperparams.HyperparameterAttributes,
     keras2_api.Keras2API,
     state_io.StateIO,
     slots.Slots,
-    weight_decay_lib.WeightDecayExclusion,
+    variable_rules.VariableRules,
     step_inputs.StepInputs,
     learning_rate_lib.LearningRate,
     keras.optimizers.Optimizer,
@@ -66,7 +60,10 @@ class Adam(
         amsgrad: Whether to divide by the running maximum of the velocity
             (Reddi et al., 2018). Defaults to `False`.
         weight_decay: Decoupled weight decay (`var -= var * wd * lr` before
-            the Adam step), or `None`. Defaults to `None`.
+            the Adam step), or `None`: a non-negative float, a
+            `LearningRateSchedule` (evaluated at the step counter, as a
+            learning-rate schedule is) or a zero-argument callable (not
+            saved by `get_config`). Defaults to `None`.
         clipnorm: Clip each gradient to this L2 norm. At most one of the
             three clip options may be set.
         clipvalue: Clip each gradient element to `[-clipvalue, clipvalue]`.
@@ -81,6 +78,17 @@ class Adam(
             this many calls once, every this many calls.
         jit_compile: Run the update of all variables of a step as one XLA
             program. Defaults to `True`.
+        variable_rules: Per-variable settings: a list of `(pattern,
+            overrides)` where `pattern` is a regular expression searched in
+            the variable's path (`"dense_1/bias"`) and name, and `overrides`
+            a dict with any of `learning_rate_multiplier`, `weight_decay`
+            (0.0 excludes), `beta_1`, `beta_2`, `epsilon`. Each setting comes
+            from the first matching rule that sets it. See
+            `keras_adamw.rules` and `explain()`.
+        weight_decay_mode: `"lr_scaled"` (default; Keras, torch, optax:
+            `var -= var * wd * lr`) or `"independent"` (`var -= var * wd`,
+            Loshchilov & Hutter's decoupled form: put the schedule on
+            `weight_decay`).
         mesh: A `tf.experimental.dtensor.Mesh` (or its string form) to run in
             DTensor mode (see `keras_adamw.dtensor`): slots are `DVariable`s
             laid out like their model variables, which must be `DVariable`s
@@ -117,6 +125,8 @@ class Adam(
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
         jit_compile=True,
+        variable_rules=None,
+        weight_decay_mode="lr_scaled",
         mesh=None,
         name=None,
         **kwargs,
@@ -152,8 +162,6 @@ class Adam(
             setattr(self, name_, values[name_])
         self._placement = placement
         self.mesh = placement.mesh
-        self._exclusions = weight_decay_lib.Exclusions()
-        self._decay_mask = None
         self._programs = learning_rate_lib.Hidden(execution.Programs())
         scalars = [_keras_compat.iterations_variable(self)]
         scalars += self._init_learning_rate(user_rate)
@@ -192,187 +200,8 @@ class Adam(
         self._momentums, self._velocities, self._velocity_hats = (
             slots.adam_slots(self, var_list, self.amsgrad)
         )
-        self._build_decay_mask(var_list)
+        self._variable_settings()  # Each variable matched to its rules.
 
-    # ------------------------------------------------------------------
-    # Applying gradients.
-
-    def apply(self, grads, trainable_variables=None):
-        """Updates `trainable_variables` with `grads`.
-
-        Overrides Keras to check everything before any change, sum gradients
-        across replicas before clipping, and run one program per step.
-
-        Args:
-            grads: Gradients (tensors, `tf.IndexedSlices` or `None`), one per
-                variable.
-            trainable_variables: The variables; may be omitted once built, to
-                update all variables the optimizer was built with.
-
-        Raises:
-            ValueError: If the numbers of gradients and variables differ, a
-                shape differs, a variable is unknown, or every gradient is
-                `None`. Nothing has changed then.
-            TypeError: If a variable or gradient is not floating-point.
-
-        Example:
-
-        >>> w = keras.Variable([1.0, 2.0])
-        >>> opt = keras_adamw.Adam(learning_rate=0.1)
-        >>> opt.apply([tf.constant([1.0, -1.0])], [w])
-        >>> w.numpy().round(4).tolist()
-        [0.9, 2.1]
-        """
-        self._apply(grads, trainable_variables, aggregate=True)
-
-    def _apply(self, grads, trainable_variables, aggregate):
-        """`apply`, summing gradients across replicas first if `aggregate`.
-
-        Order matters: every check runs before anything changes; gradients
-        are summed before any clipping (which happens inside the step).
-        """
-        grads = list(grads)
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError(
-                    "When `trainable_variables` is omitted the optimizer must "
-                    "already be built; call `optimizer.build(variables)`."
-                )
-            trainable_variables = _keras_compat.built_variables(self)
-        trainable_variables = list(trainable_variables)
-        if len(grads) != len(trainable_variables):
-            raise ValueError(
-                f"Received {len(grads)} gradients for "
-                f"{len(trainable_variables)} variables; they must pair one to "
-                "one. Variables: "
-                f"{[validation.variable_name(v) for v in trainable_variables]}"
-            )
-        if not grads:
-            return
-        call_checks.check_created_in_strategy_scope(
-            [_keras_compat.iterations_variable(self)] + trainable_variables
-        )
-        present, missing = call_checks.check_pairs(
-            grads,
-            trainable_variables,
-            placement=self._placement,
-            is_known=functools.partial(_keras_compat.is_built_variable, self)
-            if self.built
-            else None,
-            optimizer_name=self.name,
-        )
-        if aggregate:
-            present = self.aggregate_gradients(present)
-        hyper = self._hyperparameters()
-        if not self.built:
-            self._build_in_cross_replica_context(trainable_variables)
-        if missing:
-            warnings.warn(
-                f"{self.name}: no gradient for variables {missing}; they are "
-                "not updated in this step.",
-                stacklevel=2,
-            )
-        indices = tuple(
-            _keras_compat.variable_index(self, v) for _, v in present
-        )
-        call_checks.check_accumulation_window(
-            trainable_variables,
-            _keras_compat.built_variables(self),
-            self.gradient_accumulation_steps,
-            self.name,
-        )
-        gradients = [self._placement.place_gradient(g, v) for g, v in present]
-        counter = call_checks.check_step_counter(
-            validation.tf_variable(_keras_compat.iterations_variable(self))
-        )
-        self._run(step.apply_step, gradients, indices, hyper, [counter])
-
-    def update_step(self, gradient, variable, learning_rate):
-        """Updates one variable: the single-variable path of the formula.
-
-        Overrides Keras: unlike Keras, whose base class applies weight decay
-        outside `update_step`, this applies the whole AdamW step (decay
-        included) to `variable` and its slots. The step counter is not
-        advanced.
-
-        Args:
-            gradient: Its gradient (tensor or `tf.IndexedSlices`).
-            variable: A variable this optimizer was built with.
-            learning_rate: The learning rate to use.
-
-        Example:
-
-        >>> w = keras.Variable([1.0])
-        >>> opt = keras_adamw.Adam()
-        >>> opt.build([w])
-        >>> opt.update_step(tf.constant([1.0]), w, 0.5)
-        >>> w.numpy().round(4).tolist()
-        [0.5]
-        """
-        if not self.built:
-            raise ValueError(
-                f"Unknown variable {validation.variable_name(variable)!r}: "
-                f"optimizer {self.name!r} is not built; call "
-                "`optimizer.build(variables)` first."
-            )
-        # The same checks as a step's, for this one pair.
-        ((gradient, variable),), _ = call_checks.check_pairs(
-            [gradient],
-            [variable],
-            placement=self._placement,
-            is_known=functools.partial(_keras_compat.is_built_variable, self),
-            optimizer_name=self.name,
-        )
-        index = _keras_compat.variable_index(self, variable)
-        self._run(
-            step.update_one,
-            [self._placement.place_gradient(gradient, variable)],
-            (index,),
-            self._hyperparameters(learning_rate),
-        )
-
-    def finalize_variable_values(self, var_list):
-        """With `use_ema`, overwrites `var_list` with their moving averages.
-
-        Overrides Keras to run through the same dispatch as a step.
-
-        Args:
-            var_list: Model variables this optimizer was built with.
-
-        Example:
-
-        >>> w = keras.Variable([1.0])
-        >>> opt = keras_adamw.Adam(use_ema=True)
-        >>> opt.apply([tf.constant([1.0])], [w])
-        >>> opt.finalize_variable_values([w])
-        """
-        if self.use_ema and self.built:
-            indices = tuple(
-                _keras_compat.variable_index(self, v) for v in var_list
-            )
-            # A copy: nothing for XLA to fuse, and an eager XLA call cannot
-            # reach a strategy's other replicas from the caller's device.
-            self._run(step.copy_averages, [], indices, {}, jit_compile=False)
-
-    def _run(
-        self, function, gradients, indices, hyper, guards=(), jit_compile=None
-    ):
-        """Runs a step function on the optimizer's state (see
-        `execution.Programs.run`), with XLA as `jit_compile` (default: the
-        optimizer's) says."""
-        self._programs.value.run(
-            function,
-            self.jit_compile if jit_compile is None else jit_compile,
-            gradients,
-            indices,
-            self._state(),
-            self._placement.place_scalars(hyper),
-            self._step_config(),
-            guards=guards,
-        )
-
-    # ------------------------------------------------------------------
-    # Hyperparameters and configuration.
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -386,7 +215,8 @@ class AdamW(Adam):
 
     Args:
         learning_rate: See `keras_adamw.Adam`. Defaults to `0.001`.
-        weight_decay: Non-negative float. Defaults to `0.004`.
+        weight_decay: Non-negative float, `LearningRateSchedule` or
+            zero-argument callable. Defaults to `0.004`.
         **kwargs: The other arguments of `keras_adamw.Adam`.
 
     Example:
@@ -412,6 +242,8 @@ class AdamW(Adam):
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
         jit_compile=True,
+        variable_rules=None,
+        weight_decay_mode="lr_scaled",
         mesh=None,
         name=None,
         **kwargs,

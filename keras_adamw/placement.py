@@ -69,6 +69,10 @@ class Placement(typing.Protocol):
     def get_config(self):
         """Constructor arguments that recreate this placement."""
 
+    def layout_of(self, variable):
+        """How model variable `variable` is laid out, in words (`None`
+        where there is no layout to tell)."""
+
 
 class LocalPlacement:
     """Variables on this process' devices, as Keras makes them.
@@ -132,6 +136,9 @@ class LocalPlacement:
 
     def get_config(self):
         return {}
+
+    def layout_of(self, variable):
+        return None
 
 
 def keras_add_variable_from_reference(optimizer, reference, name, initializer):

@@ -50,14 +50,16 @@ StepConfig = collections.namedtuple(
         "use_ema",
         "ema_momentum",
         "ema_overwrite_frequency",
-        "decays",
+        "settings",
+        "weight_decay_mode",
         "constraints",
     ],
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
 A namedtuple of plain values, so a `tf.function` retraces exactly when one
-of them changes. `decays[i]` says whether variable `i` gets weight decay;
+of them changes. `settings[i]` is variable `i`'s `rules.Settings` (its
+learning-rate multiplier and the constants its rules give);
 `constraints[i]` is its constraint or `None`.
 """
 
@@ -143,26 +145,52 @@ def real_step(gradients, indices, state, hyper, config):
         update_moving_average(real_index, state, config)
 
 
+def _hyperparameter(name, settings, hyper, dtype):
+    """A hyperparameter of one variable, in its compute dtype: the
+    constant its rules give, else the step's value."""
+    override = getattr(settings, name)
+    if override is not None:
+        return adam_math.as_scalar(override, dtype)
+    return tf.cast(hyper[name], dtype)
+
+
+def _weight_decay(settings, hyper, dtype):
+    """The weight decay of one variable, or `None` for none: its rules'
+    constant (0.0 excludes it), else the optimizer's value if it has one."""
+    if settings.weight_decay is not None:
+        if settings.weight_decay == 0:
+            return None
+        return adam_math.as_scalar(settings.weight_decay, dtype)
+    if "weight_decay" in hyper:
+        return tf.cast(hyper["weight_decay"], dtype)
+    return None
+
+
 def update_variable(gradient, index, step, state, hyper, config):
-    """Applies `adam_math.adam_update` to variable `index` and its slots."""
+    """Applies `adam_math.adam_update` to variable `index` and its slots,
+    with the hyperparameters its rules give."""
     variable = state.variables[index]
     dtype = adam_math.compute_dtype(variable.dtype)
+    settings = config.settings[index]
     velocity_hat = state.velocity_hats[index] if config.amsgrad else None
-    weight_decay = None
-    if config.decays[index] and "weight_decay" in hyper:
-        weight_decay = tf.cast(hyper["weight_decay"], dtype)
+    learning_rate = tf.cast(hyper["learning_rate"], dtype)
+    if settings.learning_rate_multiplier != 1.0:
+        learning_rate = learning_rate * adam_math.as_scalar(
+            settings.learning_rate_multiplier, dtype
+        )
     new = adam_math.adam_update(
         _read(variable, dtype),
         tf.cast(gradient, dtype),
         _read(state.momentums[index], dtype),
         _read(state.velocities[index], dtype),
         None if velocity_hat is None else _read(velocity_hat, dtype),
-        learning_rate=tf.cast(hyper["learning_rate"], dtype),
-        beta_1=tf.cast(hyper["beta_1"], dtype),
-        beta_2=tf.cast(hyper["beta_2"], dtype),
-        epsilon=tf.cast(hyper["epsilon"], dtype),
+        learning_rate=learning_rate,
+        beta_1=_hyperparameter("beta_1", settings, hyper, dtype),
+        beta_2=_hyperparameter("beta_2", settings, hyper, dtype),
+        epsilon=_hyperparameter("epsilon", settings, hyper, dtype),
         step=tf.cast(step, dtype),
-        weight_decay=weight_decay,
+        weight_decay=_weight_decay(settings, hyper, dtype),
+        weight_decay_mode=config.weight_decay_mode,
     )
     _store(variable, new.variable)
     _store(state.momentums[index], new.momentum)

@@ -6,6 +6,8 @@ A mixin of `keras_adamw.Adam`. The step itself (`keras_adamw.step`) never
 touches the optimizer: these three values are all it gets.
 """
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -27,6 +29,15 @@ class StepInputs:
             for h in hyperparams.TABLE.values()
             if h.in_step
         }
+        weight_decay = values["weight_decay"]
+        if isinstance(
+            weight_decay, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            # Evaluated as Keras evaluates a learning-rate schedule: at the
+            # raw call counter, every step.
+            values["weight_decay"] = functools.partial(
+                weight_decay, _keras_compat.iterations_variable(self)
+            )
         exact = self._exact_learning_rate.value
         if learning_rate is not None:
             values["learning_rate"] = learning_rate
@@ -71,9 +82,6 @@ class StepInputs:
     def _step_config(self):
         """The Python-level settings of a step, as a `step.StepConfig`."""
         variables = _keras_compat.built_variables(self)
-        decays = self._decay_mask
-        if self.weight_decay is None:
-            decays = (False,) * len(variables)
         return step.StepConfig(
             amsgrad=self.amsgrad,
             clipnorm=self.clipnorm,
@@ -84,7 +92,8 @@ class StepInputs:
             use_ema=self.use_ema,
             ema_momentum=self.ema_momentum,
             ema_overwrite_frequency=self.ema_overwrite_frequency,
-            decays=decays,
+            settings=self._variable_settings(),
+            weight_decay_mode=self.weight_decay_mode,
             constraints=tuple(
                 getattr(v, "constraint", None) for v in variables
             ),

@@ -15,7 +15,14 @@ class NumpyAdam:
 
     `learning_rate` may be a float or a function of the raw step counter
     (the number of `step` calls before this one), as Keras' schedules are.
-    `beta_1`/`beta_2` may be zero-argument callables.
+    `beta_1`/`beta_2` may be zero-argument callables. `weight_decay` may
+    be a float or, like `learning_rate`, a function of the raw step counter;
+    `weight_decay_mode` is `"lr_scaled"` (`w -= w * wd * lr`) or
+    `"independent"` (`w -= w * wd`).
+
+    `per_variable` (one dict or `None` per weight) gives a weight its own
+    `learning_rate_multiplier`, `weight_decay` (0 for none), `beta_1`,
+    `beta_2` and `epsilon`, as resolved by hand in the test.
 
     `dtype` (a NumPy dtype such as `np.float16` or `ml_dtypes.bfloat16`)
     models variables stored in that dtype: the initial weights are rounded
@@ -45,6 +52,8 @@ class NumpyAdam:
         gradient_accumulation_steps=None,
         decay_mask=None,
         dtype=None,
+        weight_decay_mode="lr_scaled",
+        per_variable=None,
     ):
         self.dtype = dtype
         self.weights = [
@@ -66,6 +75,10 @@ class NumpyAdam:
         self.loss_scale_factor = loss_scale_factor
         self.accumulation = gradient_accumulation_steps
         self.decay_mask = decay_mask or [True] * len(self.weights)
+        self.weight_decay_mode = weight_decay_mode
+        self.per_variable = [p or {} for p in per_variable or []] or [
+            {} for _ in self.weights
+        ]
         self.calls = 0  # Keras' raw `_iterations`.
         self.real_steps = 0  # Keras' `iterations`.
 
@@ -129,16 +142,30 @@ class NumpyAdam:
             self._real_step(present, [grads[i] for i in present])
         self.calls += 1
 
+    def _weight_decay(self, i):
+        """Variable `i`'s weight decay this step, or None."""
+        if "weight_decay" in self.per_variable[i]:
+            return self.per_variable[i]["weight_decay"] or None
+        if self.weight_decay is None or not self.decay_mask[i]:
+            return None
+        wd = self.weight_decay
+        return float(wd(self.calls)) if callable(wd) else float(wd)
+
     def _real_step(self, present, grads):
         grads = self._clip(grads)
-        lr = self._lr()
-        b1, b2 = self._value(self.beta_1), self._value(self.beta_2)
         t = self.real_steps + 1
-        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
         for i, g in zip(present, grads):
+            own = self.per_variable[i]
+            lr = self._lr() * own.get("learning_rate_multiplier", 1.0)
+            b1 = self._value(own.get("beta_1", self.beta_1))
+            b2 = self._value(own.get("beta_2", self.beta_2))
+            epsilon = own.get("epsilon", self.epsilon)
+            alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
             w = self.weights[i]
-            if self.weight_decay is not None and self.decay_mask[i]:
-                w = w - w * self.weight_decay * lr
+            wd = self._weight_decay(i)
+            if wd is not None:
+                scale = 1.0 if self.weight_decay_mode == "independent" else lr
+                w = w - w * wd * scale
             m = self.momentums[i] + (g - self.momentums[i]) * (1 - b1)
             v = self.velocities[i] + (g * g - self.velocities[i]) * (1 - b2)
             self.momentums[i] = self._store(m)
@@ -147,7 +174,7 @@ class NumpyAdam:
                 v = np.maximum(self.velocity_hats[i], v)
                 self.velocity_hats[i] = self._store(v)
             self.weights[i] = self._store(
-                w - alpha * m / (np.sqrt(v) + self.epsilon)
+                w - alpha * m / (np.sqrt(v) + epsilon)
             )
         if self.use_ema:
             momentum = self.ema_momentum if self.real_steps > 0 else 0.0

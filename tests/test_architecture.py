@@ -28,17 +28,19 @@ ALL = sorted(PACKAGE.rglob("*.py"))
 # Lower layers never import higher ones. A module may import any module of
 # a lower layer (or its own layer where listed together below it).
 LAYERS = [
-    {"adam_math", "_keras_compat", "validation"},
-    {"hyperparams", "step", "placement", "call_checks"},
+    {"adam_math", "_keras_compat", "validation", "explain"},
+    {"rules"},
+    {"hyperparams", "step", "placement", "call_checks", "layerwise"},
     {
         "execution",
         "slots",
         "state_io",
         "keras2_api",
         "step_inputs",
-        "weight_decay",
+        "variable_rules",
         "learning_rate",
     },
+    {"applying"},
     {"optimizers"},
     {"dtensor"},
     {"callbacks", "demo"},

@@ -80,9 +80,9 @@ def test_get_config_writes_every_row_of_the_table():
     config = keras_adamw.Adam().get_config()
     assert set(hyperparams.TABLE) <= set(config)
     for row in hyperparams.TABLE.values():
-        assert config[row.name] == pytest.approx(row.default, rel=1e-7), (
-            row.name
-        )
+        # No rules are written as an empty list (JSON has no tuples).
+        default = [] if row.kind == "rules" else row.default
+        assert config[row.name] == pytest.approx(default, rel=1e-7), row.name
 
 
 def test_the_table_defaults_are_the_constructor_defaults():

@@ -150,16 +150,24 @@ def test_exclude_from_weight_decay_matches_paths():
     )
 
 
-def test_exclude_from_weight_decay_after_build_raises():
-    variable = keras.Variable([1.0], name="w")
-    optimizer = keras_adamw.AdamW()
-    optimizer.build([variable])
-    with pytest.raises(ValueError, match="before the optimizer is built"):
-        optimizer.exclude_from_weight_decay(var_names=["w"])
-    # Keras 3 checks `_built`, which never exists: it silently accepts.
-    keras_optimizer = keras.optimizers.AdamW()
-    keras_optimizer.build([variable])
-    keras_optimizer.exclude_from_weight_decay(var_names=["w"])
+def test_exclude_from_weight_decay_survives_the_config():
+    variable = keras.Variable([1.0], name="bias")
+    ours = keras_adamw.AdamW(weight_decay=0.5, learning_rate=0.5)
+    theirs = keras.optimizers.AdamW(weight_decay=0.5, learning_rate=0.5)
+    for optimizer in (ours, theirs):
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+
+    def decays(optimizer):
+        # A reloaded optimizer (as from a `.keras` file), one zero-gradient
+        # step: only weight decay could move the variable.
+        clone = type(optimizer).from_config(optimizer.get_config())
+        variable.assign([1.0])
+        clone.apply([tf.zeros([1])], [variable])
+        return not np.array_equal(variable.numpy(), [1.0])
+
+    assert not decays(ours)
+    # Keras 3 saves no exclusions: the reloaded optimizer decays the bias.
+    assert decays(theirs)
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

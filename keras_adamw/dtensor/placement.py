@@ -278,6 +278,13 @@ class MeshPlacement:
         it), so an optimizer's config is JSON and recreates the mesh."""
         return {"mesh": self.mesh.to_string()}
 
+    def layout_of(self, variable):
+        """The variable's sharding specs, e.g. `"[unsharded, model]"`."""
+        layout = getattr(validation.tf_variable(variable), "layout", None)
+        if layout is None:
+            return None
+        return "[" + ", ".join(layout.sharding_specs) + "]"
+
 
 def state_bytes_per_device(optimizer):
     """Bytes of optimizer state held by each device, from the shapes of the
