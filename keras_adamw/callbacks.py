@@ -11,8 +11,13 @@ class OptimizerLogger(keras.callbacks.Callback):
 
     - `learning_rate`: the rate of the next step (a schedule evaluated at
       the optimizer's step counter).
-    - `effective_weight_decay`: the fraction each decayed variable shrinks
-      by per step, `learning_rate * weight_decay` (0 without weight decay).
+    - `weight_decay`: the optimizer's weight decay of the next step (a
+      schedule evaluated at the step counter; 0 without weight decay);
+    - `effective_weight_decay`: the fraction each decayed variable without
+      a rule of its own shrinks by in that step: `learning_rate *
+      weight_decay`, or `weight_decay` with
+      `weight_decay_mode="independent"` (`explain()` gives it per
+      variable).
 
     Args:
         every_batch: Also log per batch (for `TensorBoard(update_freq=...)`
@@ -43,10 +48,19 @@ class OptimizerLogger(keras.callbacks.Callback):
         learning_rate = float(
             np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate))
         )
-        weight_decay = getattr(optimizer, "weight_decay", None) or 0.0
+        current = getattr(optimizer, "_current_weight_decay", None)
+        if current is not None:  # keras_adamw: schedules evaluated.
+            weight_decay = current()
+        else:
+            weight_decay = float(getattr(optimizer, "weight_decay", 0) or 0)
+        independent = (
+            getattr(optimizer, "weight_decay_mode", None) == "independent"
+        )
         return {
             "learning_rate": learning_rate,
-            "effective_weight_decay": learning_rate * float(weight_decay),
+            "weight_decay": weight_decay,
+            "effective_weight_decay": weight_decay
+            * (1.0 if independent else learning_rate),
         }
 
     def on_train_batch_end(self, batch, logs=None):

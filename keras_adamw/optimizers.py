@@ -203,7 +203,6 @@ class Adam(
         self._variable_settings()  # Each variable matched to its rules.
 
 
-
 @keras.saving.register_keras_serializable(package="keras_adamw")
 class AdamW(Adam):
     """AdamW, a drop-in for `keras.optimizers.AdamW`, fused and exact.

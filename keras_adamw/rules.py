@@ -82,8 +82,11 @@ def check_rule(index, rule):
             f"{_describe(index, rule)}: the pattern {pattern!r} is not a "
             f"valid regular expression ({error})."
         ) from None
-    if isinstance(overrides, (tuple, list)):  # As `Rule` holds them.
-        overrides = dict(overrides)
+    if isinstance(overrides, tuple):  # As `Rule` holds them: pairs.
+        try:
+            overrides = dict(overrides)
+        except (TypeError, ValueError):
+            pass
     if not isinstance(overrides, dict):
         raise TypeError(
             f"{_describe(index, rule)}: the overrides must be a dict. "

@@ -86,6 +86,13 @@ def test_global_clipnorm_on_four_devices(four_devices):
     assert four_devices["clip_sum/global_clipnorm"]["max_difference"] < 1e-12
 
 
+@pytest.mark.parametrize("decay_mode", ["lr_scaled", "independent"])
+def test_variable_rules_and_decay_schedule_on_two_devices(
+    two_devices, decay_mode
+):
+    assert two_devices[f"rules/{decay_mode}"]["max_difference"] < 1e-12
+
+
 @pytest.mark.parametrize("mode", ["aggregate_then_skip", "presummed_skip"])
 def test_aggregate_gradients_and_skip_aggregation(two_devices, mode):
     assert two_devices[f"skip/{mode}"]["max_difference"] < 1e-12

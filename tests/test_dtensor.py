@@ -187,6 +187,54 @@ def test_float64_equals_numpy_reference(config, jit_compile):
     assert max(np.abs(a - init[n]).max() for a, n in zip(ours, NAMES)) > 1e-3
 
 
+MESH_RULES = [
+    ("^rows$", {"learning_rate_multiplier": 0.5}),
+    ("columns", {"weight_decay": 0.0, "beta_1": 0.8}),
+    ("both", {"epsilon": 1e-3, "beta_2": 0.99, "weight_decay": 0.02}),
+]
+MESH_PER_VARIABLE = {
+    "rows": {"learning_rate_multiplier": 0.5},
+    "columns": {"weight_decay": 0.0, "beta_1": 0.8},
+    "both": {"epsilon": 1e-3, "beta_2": 0.99, "weight_decay": 0.02},
+}
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_variable_rules_on_the_mesh_equal_numpy_reference(jit_compile):
+    # Per-variable rules, a weight-decay schedule and the independent
+    # decay mode, on sharded float64 DVariables.
+    init, grads = make_problem(seed=2)
+    optimizer = keras_adamw.dtensor.AdamW(
+        MESH,
+        jit_compile=jit_compile,
+        learning_rate=2.0**-6,
+        # Powers of two: the float32 schedule is exact in float64.
+        weight_decay=keras.optimizers.schedules.ExponentialDecay(
+            2.0**-7, decay_steps=2, decay_rate=0.5, staircase=True
+        ),
+        weight_decay_mode="independent",
+        variable_rules=MESH_RULES,
+    )
+    ours = train(
+        optimizer, make_dvariables(init, tf.float64), grads, tf.float64
+    )
+    ref = NumpyAdam(
+        [init[n] for n in NAMES],
+        learning_rate=2.0**-6,
+        weight_decay=lambda calls: 2.0**-7 * 0.5 ** (calls // 2),
+        weight_decay_mode="independent",
+        per_variable=[MESH_PER_VARIABLE.get(n) for n in NAMES],
+    )
+    for step_grads in grads:
+        ref.step(step_grads)
+    for a, e, name in zip(ours, ref.weights, NAMES):
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-12, err_msg=name)
+    rows = {row.path: row for row in optimizer.explain()}
+    assert rows["columns"].layout == "[unsharded, model]"
+    assert rows["columns"].weight_decay == 0.0
+    assert rows["rows"].learning_rate_multiplier == 0.5
+
+
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_sparse_gradients_are_densified_on_the_mesh(jit_compile):
     # A gather from a column-sharded table, ids repeating, in a tf.function.

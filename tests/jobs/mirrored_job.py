@@ -283,7 +283,8 @@ def run_replica_gradients(optimizer_factory, mode="sum"):
 
 
 def reference_weights(**kwargs):
-    ref = NumpyAdam(INIT, learning_rate=2.0**-5, weight_decay=0.004, **kwargs)
+    kwargs.setdefault("weight_decay", 0.004)
+    ref = NumpyAdam(INIT, learning_rate=2.0**-5, **kwargs)
     for step in range(STEPS):
         ref.step(
             [
@@ -316,6 +317,35 @@ for mode in ["aggregate_then_skip", "presummed_skip"] if ARGS.full else []:
     )
     RESULTS[f"skip/{mode}"] = {
         "max_difference": max_difference(ours, reference_weights())
+    }
+
+# Per-variable rules, a weight-decay schedule and both decay modes under
+# the strategy, against the float64 reference.
+for decay_mode in ["lr_scaled", "independent"] if ARGS.full else []:
+    ours = run_replica_gradients(
+        lambda: keras_adamw.AdamW(
+            learning_rate=2.0**-5,
+            # Powers of two: the float32 schedule is exact in float64.
+            weight_decay=keras.optimizers.schedules.ExponentialDecay(
+                2.0**-7, decay_steps=2, decay_rate=0.5, staircase=True
+            ),
+            weight_decay_mode=decay_mode,
+            variable_rules=[
+                ("w1", {"learning_rate_multiplier": 0.5, "beta_2": 0.9}),
+                ("w0", {"weight_decay": 0.05}),
+            ],
+        )
+    )
+    expected = reference_weights(
+        weight_decay=lambda calls: 2.0**-7 * 0.5 ** (calls // 2),
+        weight_decay_mode=decay_mode,
+        per_variable=[
+            {"weight_decay": 0.05},
+            {"learning_rate_multiplier": 0.5, "beta_2": 0.9},
+        ],
+    )
+    RESULTS[f"rules/{decay_mode}"] = {
+        "max_difference": max_difference(ours, expected)
     }
 
 # Keras 3 cannot build an optimizer in its first apply_gradients inside a
