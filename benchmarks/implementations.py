@@ -111,7 +111,18 @@ def _tf_step(apply, iterations, function=None):
     )
 
 
-def _keras_adamw(weights, grads, config, jit_compile, wrap):
+# Five per-variable rules over the workload's variables (named w0, w1, ...),
+# each touching a different hyperparameter: they should cost nothing.
+FIVE_RULES = [
+    ("w1[0-9]$", {"learning_rate_multiplier": 0.5}),
+    ("w2", {"weight_decay": 0.0}),
+    ("w3", {"beta_1": 0.8}),
+    ("w4", {"epsilon": 1e-6}),
+    ("w5", {"beta_2": 0.99, "learning_rate_multiplier": 2.0}),
+]
+
+
+def _keras_adamw(weights, grads, config, jit_compile, wrap, rules=None):
     try:
         import keras_adamw
     except ImportError as error:
@@ -119,7 +130,7 @@ def _keras_adamw(weights, grads, config, jit_compile, wrap):
     variables = _keras_variables(weights, config.dtype)
     gradients = _tf_grads(grads, config.dtype)
     optimizer = keras_adamw.AdamW(
-        **_keras_kwargs(config), jit_compile=jit_compile
+        **_keras_kwargs(config), jit_compile=jit_compile, variable_rules=rules
     )
     optimizer.build(variables)
 
@@ -259,6 +270,12 @@ IMPLEMENTATIONS = {
     "keras_adamw_xla_tf_function": (
         "keras_adamw.AdamW(jit_compile=True), in tf.function",
         lambda w, g, c: _keras_adamw(w, g, c, True, wrap=True),
+    ),
+    "keras_adamw_xla_tf_function_5_rules": (
+        "keras_adamw.AdamW(jit_compile=True, 5 rules), in tf.function",
+        lambda w, g, c: _keras_adamw(
+            w, g, c, True, wrap=True, rules=FIVE_RULES
+        ),
     ),
     "keras_adamw_xla": (
         "keras_adamw.AdamW(jit_compile=True), eager `apply`",

@@ -9,9 +9,13 @@ from keras_adamw import rules
 from keras_adamw import validation
 
 # A block is a path component ending in "layer" or "block", maybe plural,
-# with Keras' "_<n>" suffix; Keras names the first of several
-# "transformer_block", then "transformer_block_1", ...: no suffix is 0.
-BLOCK_PATTERN = r"(?:^|/)[^/]*?(?:layer|block)s?(?:_(?P<index>\d+))?/"
+# with a "_<n>" suffix, or starting so ("encoder_layer_3_norm" belongs to
+# block 3). Keras names the first of several "transformer_block", then
+# "transformer_block_1", ...: no suffix is 0.
+BLOCK_PATTERN = (
+    r"(?:^|/)(?P<block>[^/]*?(?:layer|block)s?"
+    r"(?:_(?P<index>\d+)(?=[/_])|(?=/)))"
+)
 EMBEDDING_PATTERN = r"embed"
 
 
@@ -71,8 +75,8 @@ def layerwise_lr_decay(
     >>> for pattern, overrides in layerwise_lr_decay(model, 0.5):
     ...     print(pattern, overrides)
     embed {'learning_rate_multiplier': 0.125}
-    (?:^|/)encoder_layer_1/ {'learning_rate_multiplier': 0.5}
-    (?:^|/)encoder_layer_0/ {'learning_rate_multiplier': 0.25}
+    (?:^|/)encoder_layer_1(?=[/_]) {'learning_rate_multiplier': 0.5}
+    (?:^|/)encoder_layer_0(?=[/_]) {'learning_rate_multiplier': 0.25}
     >>> opt = keras_adamw.AdamW(
     ...     variable_rules=layerwise_lr_decay(model, 0.5)
     ...     + [("bias", {"weight_decay": 0.0})])
@@ -88,8 +92,8 @@ def layerwise_lr_decay(
             continue
         found = re.search(block_pattern, path)
         if found:
-            index = found.groupdict().get("index")
-            blocks[found.group(0).lstrip("/")] = int(index or 0)
+            index = found.group("index")
+            blocks[found.group("block"), index is None] = int(index or 0)
     if not blocks:
         raise ValueError(
             f"No block found: no variable path matches block_pattern="
@@ -103,10 +107,13 @@ def layerwise_lr_decay(
             {"learning_rate_multiplier": decay ** (count + 1)},
         )
     ]
-    for block, index in sorted(blocks.items(), key=lambda b: -b[1]):
+    for (block, bare), index in sorted(blocks.items(), key=lambda b: -b[1]):
+        # "layer_1" must not match "layer_10"; a bare "transformer_block" must
+        # not match "transformer_block_1".
+        end = "/" if bare else "(?=[/_])"
         result.append(
             (
-                "(?:^|/)" + re.escape(block),
+                "(?:^|/)" + re.escape(block) + end,
                 {"learning_rate_multiplier": decay ** (count - index)},
             )
         )
