@@ -160,12 +160,18 @@ def fit(model, epochs, **kwargs):
     )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted():
-    model = make_model()
+def compiled_model(seed=0):
+    """The model, compiled with rules and an exclusion by variable."""
+    model = make_model(seed=seed)
     optimizer = make_optimizer(model)
     optimizer.exclude_from_weight_decay(var_list=[model.layers[-1].kernel])
     model.compile(optimizer=optimizer, loss="mse")
+    return model, optimizer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    model, _ = compiled_model()
     fit(model, 4)
     return model
 
@@ -176,10 +182,7 @@ def assert_same_weights(model, expected):
 
 
 def test_keras_file_resumes_with_rules_and_exclusions(tmp_path, uninterrupted):
-    model = make_model()
-    optimizer = make_optimizer(model)
-    optimizer.exclude_from_weight_decay(var_list=[model.layers[-1].kernel])
-    model.compile(optimizer=optimizer, loss="mse")
+    model, optimizer = compiled_model()
     fit(model, 2)
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
@@ -191,10 +194,7 @@ def test_keras_file_resumes_with_rules_and_exclusions(tmp_path, uninterrupted):
 
 
 def test_checkpoint_resumes_with_rules(tmp_path, uninterrupted):
-    model = make_model()
-    optimizer = make_optimizer(model)
-    optimizer.exclude_from_weight_decay(var_list=[model.layers[-1].kernel])
-    model.compile(optimizer=optimizer, loss="mse")
+    model, optimizer = compiled_model()
     fit(model, 2)
     path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
         str(tmp_path / "ckpt")
@@ -218,10 +218,7 @@ class _Crash(keras.callbacks.Callback):
 
 def test_backup_and_restore_resumes_with_rules(tmp_path, uninterrupted):
     backup = str(tmp_path / "backup")
-    model = make_model()
-    optimizer = make_optimizer(model)
-    optimizer.exclude_from_weight_decay(var_list=[model.layers[-1].kernel])
-    model.compile(optimizer=optimizer, loss="mse")
+    model, optimizer = compiled_model()
     with pytest.raises(RuntimeError, match="crash"):
         fit(
             model,
@@ -229,12 +226,7 @@ def test_backup_and_restore_resumes_with_rules(tmp_path, uninterrupted):
             callbacks=[keras.callbacks.BackupAndRestore(backup), _Crash()],
         )
     # A new process would rebuild the model and optimizer from code.
-    resumed = make_model(seed=1)
-    resumed_optimizer = make_optimizer(resumed)
-    resumed_optimizer.exclude_from_weight_decay(
-        var_list=[resumed.layers[-1].kernel]
-    )
-    resumed.compile(optimizer=resumed_optimizer, loss="mse")
+    resumed, resumed_optimizer = compiled_model(seed=1)
     fit(resumed, 4, callbacks=[keras.callbacks.BackupAndRestore(backup)])
     assert int(resumed_optimizer.iterations) == 16
     assert_same_weights(resumed, uninterrupted)
