@@ -3,10 +3,7 @@
 (tests/reference.py) where it is wrong; checkpoints both ways; errors that
 name the right class."""
 
-import pathlib
-import subprocess
-import sys
-import textwrap
+import json
 
 import keras
 import ml_dtypes
@@ -17,6 +14,7 @@ import tf_keras
 
 import keras_adamw
 import keras_adamw.tf_keras
+from tests.jobs.processes import Processes
 from tests.reference import NumpyAdam
 from tests.reference import dense_from_sparse
 
@@ -279,25 +277,32 @@ def test_bad_arguments_raise_before_any_variable():
     assert not optimizer.variables[1:]
 
 
-def test_importing_keras_adamw_leaves_tf_keras_out_and_explains():
-    script = textwrap.dedent(
-        """
-        import sys
-        import keras_adamw
-        assert "tf_keras" not in sys.modules, "keras_adamw imported tf_keras"
-        sys.modules["tf_keras"] = None  # What a missing tf_keras looks like.
-        try:
-            import keras_adamw.tf_keras
-        except ImportError as error:
-            print(error)
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=pathlib.Path(__file__).resolve().parents[1],
-    )
-    assert "pip install keras_adamw[tf_keras]" in result.stdout
+@pytest.fixture(scope="module", autouse=True)
+def job_processes(tmp_path_factory):
+    """Starts tests/jobs/tf_keras_job.py (import checks, MirroredStrategy)
+    when the module starts, so it runs beside the tests above it."""
+    out = tmp_path_factory.mktemp("tf_keras_job") / "results.json"
+    with Processes(tmp_path_factory.mktemp("tf_keras_logs")) as processes:
+        processes.start("tf_keras", "tf_keras_job", f"--out={out}")
+        yield processes, out
+
+
+@pytest.fixture(scope="module")
+def job(job_processes):
+    processes, out = job_processes
+    processes.finish(["tf_keras"], timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_importing_keras_adamw_leaves_tf_keras_out_and_explains(job):
+    assert job["keras_adamw_imports_tf_keras"] is False
+    assert "pip install keras_adamw[tf_keras]" in job["missing_tf_keras_error"]
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_mirrored_strategy_equals_one_device(job, jit_compile):
+    # Embedding ids repeat; global_clipnorm clips (right only after the
+    # cross-replica sum); EMA on; every replica's copy compared.
+    result = job[f"mirrored/jit={jit_compile}"]
+    assert result["steps"] == 6 and result["copies"] == [2]
+    assert result["max_difference"] < 1e-6

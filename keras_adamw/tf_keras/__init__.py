@@ -3,7 +3,8 @@
 The same math, step program, execution and placement as `keras_adamw.Adam`;
 only the Keras-facing shell is tf_keras'. Needs tf_keras
 (`pip install keras_adamw[tf_keras]`); `import keras_adamw` alone never
-imports it.
+imports it. `keras_adamw.tf_keras.dtensor` has Keras 2.9's DTensor
+signature (`gradients_clip_option`, `ema_option`).
 
 Example:
 
@@ -14,7 +15,8 @@ Example:
 """
 
 from keras_adamw.tf_keras import _compat  # noqa: F401 (checks tf_keras)
+from keras_adamw.tf_keras import dtensor
 from keras_adamw.tf_keras.optimizers import Adam
 from keras_adamw.tf_keras.optimizers import AdamW
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "dtensor"]
