@@ -13,6 +13,7 @@ program per step and device), with its variables placed by
 
 import warnings
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -321,10 +322,13 @@ class Adam(step_inputs.StepInputs, tf_keras.optimizers.Optimizer):
         0.004
         """
         config = super().get_config()
+        learning_rate = _compat.serialize_hyperparameter(
+            self, _compat.learning_rate_state(self)
+        )
+        if isinstance(learning_rate, np.generic):  # JSON, as Python floats.
+            learning_rate = learning_rate.item()
         config.update(
-            learning_rate=_compat.serialize_hyperparameter(
-                self, _compat.learning_rate_state(self)
-            ),
+            learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             epsilon=self.epsilon,
