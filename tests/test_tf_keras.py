@@ -14,6 +14,7 @@ import tf_keras
 
 import keras_adamw
 import keras_adamw.tf_keras
+from keras_adamw import step
 from tests.jobs.processes import Processes
 from tests.reference import NumpyAdam
 from tests.reference import dense_from_sparse
@@ -71,11 +72,28 @@ def test_fit_equals_tf_keras_adamw(config):
         keras_adamw.tf_keras.AdamW(**kwargs),
     ):
         model = make_model()
+        # tf_keras' exclusion rules (by variable, by regex on the name).
+        optimizer.exclude_from_weight_decay(
+            var_list=[model.layers[0].kernel], var_names=["bias"]
+        )
         model.compile(optimizer=optimizer, loss="mse")
         model.fit(X, Y, batch_size=4, epochs=2, shuffle=False, verbose=0)
         assert int(optimizer.iterations.numpy()) == 16
         results.append(weights_and_slots(model, optimizer))
     assert_all_close(*results)
+
+
+def test_fit_runs_one_xla_program_traced_once():
+    # tf_keras would run none on CPU (jit_compile needs a GPU there) and
+    # one per variable elsewhere.
+    optimizer = keras_adamw.tf_keras.AdamW(LR)
+    model = make_model()
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(X, Y, batch_size=8, epochs=2, verbose=0)
+    assert optimizer.jit_compile
+    program = optimizer._programs.value.compiled(step.apply_step)
+    assert program.experimental_get_tracing_count() == 1
+    assert int(optimizer.iterations.numpy()) == 8
 
 
 def test_gradient_tape_loop_and_minimize_equal_tf_keras():
