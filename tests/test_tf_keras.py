@@ -273,6 +273,16 @@ def test_model_save_and_load_as_tf_keras_does(tmp_path, file_format):
         assert_all_close(results["ours"], results["ours_uninterrupted"])
 
 
+def test_model_saved_before_training_loads(tmp_path):
+    model = make_model()
+    model.compile(optimizer=keras_adamw.tf_keras.AdamW(LR), loss="mse")
+    model.save(tmp_path / "model.keras")
+    with pytest.warns(UserWarning, match="not loaded"):
+        loaded = tf_keras.models.load_model(tmp_path / "model.keras")
+    assert int(loaded.optimizer.iterations.numpy()) == 0
+    loaded.fit(X, Y, batch_size=8, verbose=0)
+
+
 def test_keras_3_and_tf_keras_optimizers_name_the_right_class():
     with pytest.raises(ValueError, match=r"keras_adamw\.tf_keras\.AdamW"):
         make_model().compile(optimizer=keras_adamw.AdamW(), loss="mse")

@@ -7,6 +7,8 @@ file I/O (`save_own_variables`, `load_own_variables`) through the
 optimizer's placement.
 """
 
+import warnings
+
 import tensorflow as tf
 
 from keras_adamw import hyperparams
@@ -99,13 +101,16 @@ class StepInputs:
             store[str(i)] = self._placement.numpy(variable)
 
     def load_own_variables(self, store):
-        """Reads what `save_own_variables` wrote, keeping layouts; raises
-        if the counts differ (tf_keras only logs and skips)."""
+        """Reads what `save_own_variables` wrote, keeping layouts. With
+        another number of variables (a model saved before its first step)
+        it warns and loads nothing, as tf_keras does."""
         if len(store.keys()) != len(self.variables):
-            raise ValueError(
+            warnings.warn(
                 f"Optimizer {self.name!r} has {len(self.variables)} "
-                f"variables; the saved one has {len(store.keys())}. Build "
-                "the optimizer on the model's variables before loading."
+                f"variables; the saved one has {len(store.keys())} (saved "
+                "before it was built?). Its state is not loaded.",
+                stacklevel=2,
             )
+            return
         for i, variable in enumerate(self.variables):
             self._placement.assign(variable, store[str(i)])
