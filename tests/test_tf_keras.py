@@ -83,6 +83,26 @@ def test_fit_equals_tf_keras_adamw(config):
     assert_all_close(*results)
 
 
+def test_mixed_float16_loss_scaling_equals_tf_keras():
+    # tf_keras wraps the optimizer in LossScaleOptimizerV3; the variables
+    # are AutoCastVariables (float32 stored, float16 compute).
+    results = []
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        for optimizer in (
+            tf_keras.optimizers.AdamW(LR, jit_compile=False),
+            keras_adamw.tf_keras.AdamW(LR),
+        ):
+            model = make_model()
+            model.compile(optimizer=optimizer, loss="mse")
+            model.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+            assert type(model.optimizer).__name__ == "LossScaleOptimizerV3"
+            results.append(weights_and_slots(model, optimizer))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    assert_all_close(*results)
+
+
 def test_fit_runs_one_xla_program_traced_once():
     # tf_keras would run none on CPU (jit_compile needs a GPU there) and
     # one per variable elsewhere.
