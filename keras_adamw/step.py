@@ -178,8 +178,8 @@ def update_variable(gradient, index, step, state, hyper, config):
 
 def update_moving_average(real_index, state, config):
     """Moves the EMA once per real step (the first real step copies, with
-    `config.ema_first_step_copies`) and
-    overwrites the variables every `ema_overwrite_frequency` real steps."""
+    `config.ema_first_step_copies`) and overwrites the variables every
+    `ema_overwrite_frequency` real steps."""
     for variable, average in zip(state.variables, state.averages):
         dtype = adam_math.compute_dtype(variable.dtype)
         momentum = adam_math.as_scalar(config.ema_momentum, dtype)
