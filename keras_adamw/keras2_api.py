@@ -15,6 +15,27 @@ class Keras2API:
     """Keras 2's `compute_gradients`, `minimize`, `aggregate_gradients` and
     `apply_gradients` arguments."""
 
+    def __repr__(self):
+        """Names the class and, for tf_keras (Keras 2) models, the class to
+        use instead: tf_keras' `model.compile` shows this in its "Could not
+        interpret optimizer identifier" error, the one place a Keras 3
+        optimizer given to a tf_keras model can say so.
+
+        Example:
+
+        >>> keras_adamw.AdamW(name="opt")  # doctest: +NORMALIZE_WHITESPACE
+        <keras_adamw.AdamW 'opt': a Keras 3 optimizer; for a tf_keras
+        (Keras 2) model use keras_adamw.tf_keras.AdamW>
+        """
+        package = type(self).__module__.rsplit(".optimizers", 1)[0]
+        name = type(self).__name__
+        return (
+            f"<{package}.{name} {self.name!r}: a Keras 3 optimizer; for a "
+            f"tf_keras (Keras 2) model use keras_adamw.tf_keras.{name}>"
+        )
+
+    __str__ = __repr__
+
     def compute_gradients(self, loss, var_list, tape=None):
         """Computes the gradients of `loss` (scaled by `loss_scale_factor`).
 

@@ -53,14 +53,19 @@ StepConfig = collections.namedtuple(
         "settings",
         "weight_decay_mode",
         "constraints",
+        "ema_first_step_copies",
     ],
+    # Fields added later have defaults, so older callers keep working.
+    defaults=(True,),
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
 A namedtuple of plain values, so a `tf.function` retraces exactly when one
 of them changes. `settings[i]` is variable `i`'s `rules.Settings` (its
 learning-rate multiplier and the constants its rules give);
-`constraints[i]` is its constraint or `None`.
+`constraints[i]` is its constraint or `None`. `ema_first_step_copies`:
+the first real step sets each average to its variable (Keras 3); `False`
+moves averages that start as copies made at build (tf_keras).
 """
 
 
@@ -200,13 +205,14 @@ def update_variable(gradient, index, step, state, hyper, config):
 
 
 def update_moving_average(real_index, state, config):
-    """Moves the EMA once per real step (the first real step copies) and
-    overwrites the variables every `ema_overwrite_frequency` real steps."""
+    """Moves the EMA once per real step (the first real step copies, with
+    `config.ema_first_step_copies`) and overwrites the variables every
+    `ema_overwrite_frequency` real steps."""
     for variable, average in zip(state.variables, state.averages):
         dtype = adam_math.compute_dtype(variable.dtype)
-        momentum = tf.cast(tf.not_equal(real_index, 0), dtype) * (
-            adam_math.as_scalar(config.ema_momentum, dtype)
-        )
+        momentum = adam_math.as_scalar(config.ema_momentum, dtype)
+        if config.ema_first_step_copies:
+            momentum *= tf.cast(tf.not_equal(real_index, 0), dtype)
         _store(
             average,
             adam_math.ema_update(

@@ -1,6 +1,7 @@
 """The shape of the code, as the architecture promises it:
 
-- no private Keras name outside `keras_adamw/_keras_compat.py`;
+- no private Keras name outside `keras_adamw/_keras_compat.py`, and no
+  private tf_keras name outside `keras_adamw/tf_keras/_compat.py`;
 - no DTensor (mesh or placement) branch in the core, and all DTensor code
   under `keras_adamw/dtensor/`;
 - imports only run down the layers (the core never imports `dtensor`);
@@ -14,6 +15,7 @@ import pathlib
 
 import keras
 import pytest
+import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 import keras_adamw
@@ -43,9 +45,15 @@ LAYERS = [
     {"applying"},
     {"optimizers"},
     {"dtensor"},
+    {"tf_keras"},
     {"callbacks", "demo"},
     {"__init__"},
 ]
+
+
+# The two modules that may name private attributes: Keras 3's, and tf_keras'
+# (`tf_keras/_compat.py`). Some names are the same in both (`_iterations`).
+COMPAT_MODULES = ["_keras_compat.py", "_compat.py"]
 
 
 def _layer(module):
@@ -69,6 +77,24 @@ def keras_private_names():
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
+def tf_keras_private_names():
+    """Private attributes of tf_keras' optimizer base class (built with EMA
+    and a schedule) and of its variables."""
+    import tf_keras
+
+    class Probe(tf_keras.optimizers.Optimizer):
+        def build(self, var_list):
+            super().build(var_list)
+
+    schedule = tf_keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)
+    optimizer = Probe(name="probe", use_ema=True)
+    optimizer._learning_rate = optimizer._build_learning_rate(schedule)
+    variable = tf.Variable([1.0])
+    optimizer.build([variable])
+    names = set(vars(optimizer)) | set(dir(optimizer)) | set(dir(variable))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
 def imported_names(node):
     """The module and names an import statement names ([] for others)."""
     if not isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -89,11 +115,23 @@ def test_keras_private_names_are_only_in_the_compat_module():
     private = keras_private_names()
     assert {"_iterations", "_var_key", "_initialize"} <= private
     offenders = []
-    for path, node in syntax_nodes(ALL, skip=["_keras_compat.py"]):
+    for path, node in syntax_nodes(ALL, skip=COMPAT_MODULES):
         if isinstance(node, ast.Attribute) and node.attr in private:
             offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
         if any(n.startswith("keras.src") for n in imported_names(node)):
             offenders.append(f"{path.name}:{node.lineno} keras.src")
+    assert not offenders, offenders
+
+
+def test_tf_keras_private_names_are_only_in_its_compat_module():
+    private = tf_keras_private_names()
+    assert {"_index_dict", "_var_key", "_build_learning_rate"} <= private
+    offenders = []
+    for path, node in syntax_nodes(ALL, skip=COMPAT_MODULES):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+        if any(n.startswith("tf_keras.src") for n in imported_names(node)):
+            offenders.append(f"{path.name}:{node.lineno} tf_keras.src")
     assert not offenders, offenders
 
 
@@ -132,7 +170,8 @@ def test_core_has_no_dtensor_branch_or_import():
 def test_imports_run_down_the_layers():
     offenders = []
     for path, node in syntax_nodes(ALL):
-        module = "dtensor" if path.parent.name == "dtensor" else path.stem
+        # A subpackage (dtensor, tf_keras) is one module of the layers.
+        module = path.stem if path.parent == PACKAGE else path.parent.name
         imported = []
         if (
             isinstance(node, ast.ImportFrom)
