@@ -26,6 +26,7 @@ from keras_adamw import hyperparams
 from keras_adamw import keras2_api
 from keras_adamw import learning_rate as learning_rate_lib
 from keras_adamw import placement as placement_lib
+from keras_adamw import slot_paths
 from keras_adamw import slots
 from keras_adamw import state_io
 from keras_adamw import step
@@ -39,6 +40,7 @@ class Adam(
     hyperparams.HyperparameterAttributes,
     keras2_api.Keras2API,
     state_io.StateIO,
+    slot_paths.SlotPaths,
     slots.Slots,
     weight_decay_lib.WeightDecayExclusion,
     step_inputs.StepInputs,
@@ -184,7 +186,7 @@ class Adam(
         """
         if self.built:
             return
-        var_list = list(var_list)
+        var_list = slot_paths.built_in_saved_order(self, list(var_list))
         for variable in var_list:
             call_checks.check_variable(variable)
             self._placement.check_variable(variable)
@@ -193,6 +195,7 @@ class Adam(
             slots.adam_slots(self, var_list, self.amsgrad)
         )
         self._build_decay_mask(var_list)
+        slot_paths.check_restored_before_build(self)
 
     # ------------------------------------------------------------------
     # Applying gradients.

@@ -33,6 +33,7 @@ LAYERS = [
     {
         "execution",
         "slots",
+        "slot_paths",
         "state_io",
         "keras2_api",
         "step_inputs",
