@@ -253,10 +253,11 @@ class SlotPaths:
         """Checks the saved entries against the optimizer's. TensorFlow
         restores the optimizer's own attribute before its variables, so
         raising here writes nothing."""
-        saved = [
-            entry.decode()
-            for entry in np.array(restored_tensors[CHECKPOINT_KEY]).ravel()
-        ]
+        entries = restored_tensors[CHECKPOINT_KEY]
+        if tf.is_symbolic_tensor(entries):
+            # Traced (a SavedModel's restore function): nothing to read.
+            return tf.no_op()
+        saved = [entry.decode() for entry in np.array(entries).ravel()]
         if not self.built:
             self._restored_slot_entries = _Hidden(saved)
             return tf.no_op()
