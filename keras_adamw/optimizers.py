@@ -186,7 +186,7 @@ class Adam(
         """
         if self.built:
             return
-        var_list = slot_paths.built_in_saved_order(self, list(var_list))
+        var_list = slot_paths.prepare_build(self, list(var_list))
         for variable in var_list:
             call_checks.check_variable(variable)
             self._placement.check_variable(variable)

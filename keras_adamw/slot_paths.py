@@ -36,6 +36,7 @@ import tensorflow as tf
 from keras_adamw import _keras_compat
 
 CHECKPOINT_KEY = "keras_adamw_variable_slots"
+CHECKPOINT_SHAPES_KEY = "keras_adamw_variable_shapes"
 ASSET_FILE = "keras_adamw_variable_slots.json"
 
 
@@ -165,40 +166,82 @@ def _differences(entries, others):
     return f"{extra[:4]}{' ...' if len(extra) > 4 else ''}"
 
 
-def built_in_saved_order(optimizer, var_list):
-    """`var_list` in the order of a checkpoint restored before `build`, so
-    that the slots restored (by position) when `build` makes them are
-    their own variables'. Unchanged when no such checkpoint was read or
-    the paths differ."""
+def _shape_text(shape):
+    return ",".join(str(d) for d in shape)
+
+
+def _shape_tuple(text):
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def _saved_variables(entries, shapes):
+    """{relative path: shape text} of the model variables in `entries`, in
+    their saved order."""
+    result = {}
+    for entry, shape in zip(relative(entries), shapes):
+        path = entry.rpartition("|")[0]
+        if path:
+            result.setdefault(path, shape)
+    return result
+
+
+def prepare_build(optimizer, var_list):
+    """Before `build`, after a checkpoint was restored into the unbuilt
+    optimizer: `var_list` in the saved order, so that the slots `build`
+    makes (restored then, by position) are their own variables'.
+
+    Raises:
+        ValueError: If the saved slots or shapes differ from what `build`
+            would make. Nothing is built then.
+    """
     pending = getattr(optimizer, "_restored_slot_entries", None)
     if pending is None or pending.value is None:
         return var_list
-    paths = []
-    for entry in relative(pending.value):
-        path = entry.rpartition("|")[0]
-        if path and path not in paths:
-            paths.append(path)
+    entries, shapes = pending.value
+    kinds = {"momentum", "velocity"}
+    kinds |= {"velocity_hat"} if optimizer.amsgrad else set()
+    kinds |= {"average"} if optimizer.use_ema else set()
+    if optimizer.gradient_accumulation_steps:
+        kinds.add("gradient_accumulator")
+    saved_kinds = {_slot(e) for e in entries if "|" in e}
+    if saved_kinds != kinds:
+        raise ValueError(
+            f"Optimizer {optimizer.name!r} would make slots "
+            f"{sorted(kinds)}, but the checkpoint restored into it holds "
+            f"{sorted(saved_kinds)}. Is `amsgrad`, `use_ema` or "
+            "`gradient_accumulation_steps` set differently?"
+        )
+    saved = _saved_variables(entries, shapes)
     current = relative([f"{variable_path(v)}|" for v in var_list])
-    by_path = {e[:-1]: v for e, v in zip(current, var_list)}
-    if len(by_path) != len(var_list) or sorted(by_path) != sorted(paths):
-        return var_list
-    return [by_path[path] for path in paths]
+    by_path = {entry[:-1]: v for entry, v in zip(current, var_list)}
+    if len(by_path) == len(var_list) and sorted(by_path) == sorted(saved):
+        var_list = [by_path[path] for path in saved]
+    if len(saved) != len(var_list):
+        raise ValueError(
+            f"The checkpoint restored into optimizer {optimizer.name!r} holds "
+            f"slots for {len(saved)} variables; it is being built on "
+            f"{len(var_list)}."
+        )
+    for (path, shape), variable in zip(saved.items(), var_list):
+        if _shape_text(variable.shape) != shape:
+            raise ValueError(
+                f"The checkpoint restored into optimizer {optimizer.name!r} "
+                f"holds slots of shape {_shape_tuple(shape)} for {path!r}; "
+                "variable "
+                f"{variable_path(variable)!r} has shape "
+                f"{tuple(variable.shape)}."
+            )
+    return var_list
 
 
 def check_restored_before_build(optimizer):
-    """After `build`: the state a checkpoint restored by position while
-    building must be the saved state's, slot for slot."""
+    """After `build`: the slots a checkpoint restored by position while
+    building were the saved state's, slot for slot."""
     pending = getattr(optimizer, "_restored_slot_entries", None)
     if pending is None or pending.value is None:
         return
-    saved, pending.value = pending.value, None
-    order = saved_order(saved, describe(optimizer), optimizer.name)
-    if order != sorted(order):
-        raise ValueError(
-            f"Optimizer {optimizer.name!r} was built on its variables in "
-            "another order than the checkpoint restored before `build`: "
-            "its slots were restored to other variables."
-        )
+    (saved, _), pending.value = pending.value, None
+    saved_order(saved, describe(optimizer), optimizer.name)
 
 
 class SlotPaths:
@@ -240,26 +283,31 @@ class SlotPaths:
             self._placement.assign(variable, values[i])
 
     def _serialize_to_tensors(self):
-        """A `tf.train.Checkpoint` attribute of the optimizer: its
-        entries."""
+        """Two `tf.train.Checkpoint` attributes of the optimizer: its
+        entries and the shapes of its variables."""
         entries = describe(self)
+        shapes = [_shape_text(v.shape) for v in self.variables]
         return {
-            CHECKPOINT_KEY: tf.constant(
-                np.array(entries, dtype=object), tf.string, [len(entries)]
-            )
+            CHECKPOINT_KEY: _strings(entries),
+            CHECKPOINT_SHAPES_KEY: _strings(shapes),
         }
 
     def _restore_from_tensors(self, restored_tensors):
-        """Checks the saved entries against the optimizer's. TensorFlow
-        restores the optimizer's own attribute before its variables, so
-        raising here writes nothing."""
-        entries = restored_tensors[CHECKPOINT_KEY]
-        if tf.is_symbolic_tensor(entries):
+        """Checks the saved entries and shapes against the optimizer's.
+        TensorFlow restores the optimizer's own attributes before its
+        variables (its children), so raising here writes none of them."""
+        tensors = [
+            restored_tensors[key]
+            for key in (CHECKPOINT_KEY, CHECKPOINT_SHAPES_KEY)
+        ]
+        if any(tf.is_symbolic_tensor(t) for t in tensors):
             # Traced (a SavedModel's restore function): nothing to read.
             return tf.no_op()
-        saved = [entry.decode() for entry in np.array(entries).ravel()]
+        saved, shapes = (
+            [s.decode() for s in np.array(t).ravel()] for t in tensors
+        )
         if not self.built:
-            self._restored_slot_entries = _Hidden(saved)
+            self._restored_slot_entries = _Hidden((saved, shapes))
             return tf.no_op()
         order = saved_order(saved, describe(self), self.name)
         if order != sorted(order):
@@ -273,4 +321,16 @@ class SlotPaths:
                 "order) or build it on the variables in the saved order: "
                 f"{[e.rpartition('|')[0] for e in saved if '|' in e][:8]}."
             )
+        for variable, i in zip(self.variables, order):
+            if _shape_text(variable.shape) != shapes[i]:
+                raise ValueError(
+                    f"Optimizer variable {variable.name!r} has shape "
+                    f"{tuple(variable.shape)} but the checkpoint's has "
+                    f"{_shape_tuple(shapes[i])}. Nothing was restored into "
+                    "the optimizer."
+                )
         return tf.no_op()
+
+
+def _strings(texts):
+    return tf.constant(np.array(texts, dtype=object), tf.string, [len(texts)])

@@ -173,3 +173,55 @@ def test_a_count_mismatch_says_what_differs():
     other.build(make_model().trainable_variables)
     with pytest.warns(UserWarning, match="3 slots per model variable.*2"):
         other.load_own_variables(store)
+
+
+def wide_model():
+    """`make_model` with a wider second layer: d2's variables differ."""
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(2, name="d1"),
+            keras.layers.Dense(3, name="d2"),
+        ],
+        name="m",
+    )
+
+
+def test_checkpoint_of_other_shapes_changes_nothing(tmp_path):
+    # Without the check, TensorFlow writes d1's variables and slots, then
+    # fails on d2's.
+    model, optimizer = trained()
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
+        str(tmp_path / "ckpt")
+    )
+    restored_model = wide_model()
+    restored = keras_adamw.AdamW()
+    restored.build(restored_model.trainable_variables)
+    before = snapshot(restored_model, restored)
+    with pytest.raises(ValueError, match=r"has shape \(2, 3\).*has \(2, 2\)"):
+        tf.train.Checkpoint(model=restored_model, optimizer=restored).restore(
+            path
+        ).expect_partial()
+    for a, b in zip(before, snapshot(restored_model, restored)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, model, match",
+    [
+        ({}, wide_model, r"shape \(2, 2\) for 'd2/kernel'"),
+        ({"amsgrad": True}, make_model, "would make slots"),
+    ],
+)
+def test_building_unlike_a_restored_checkpoint_builds_nothing(
+    tmp_path, kwargs, model, match
+):
+    _, optimizer = trained()
+    path = tf.train.Checkpoint(optimizer=optimizer).save(
+        str(tmp_path / "ckpt")
+    )
+    restored = keras_adamw.AdamW(**kwargs)
+    tf.train.Checkpoint(optimizer=restored).restore(path).expect_partial()
+    with pytest.raises(ValueError, match=match):
+        restored.build(model().trainable_variables)
+    assert not restored.built and len(restored.variables) == 2
