@@ -198,7 +198,7 @@ def test_checkpoint_of_other_shapes_changes_nothing(tmp_path):
     restored = keras_adamw.AdamW()
     restored.build(restored_model.trainable_variables)
     before = snapshot(restored_model, restored)
-    with pytest.raises(ValueError, match=r"has shape \(2, 3\).*has \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
         tf.train.Checkpoint(model=restored_model, optimizer=restored).restore(
             path
         ).expect_partial()
