@@ -3,25 +3,35 @@ the state, so that a restore gives every slot to its own variable.
 
 Keras' formats match an optimizer's variables by position: restored into an
 optimizer built on the same variables in another order, the slots of
-same-shaped variables change places without a word (Keras too). keras_adamw
-saves one entry per optimizer variable (`"iterations"`, `"learning_rate"`
-or `"{variable path}|{slot}"`) where Keras' loaders ignore it:
+same-shaped variables change places without a word (Keras too; through
+`tf.train.Checkpoint` the model variables the optimizer tracks change
+places as well). keras_adamw saves one entry per optimizer variable
+(`"iterations"`, `"learning_rate"` or `"{variable path}|{slot}"`) where
+Keras' loaders ignore it, so files and checkpoints still move both ways
+between keras_adamw and `keras.optimizers.Adam`/`AdamW`:
 
-- `.keras` files: an asset file (`save_assets`/`load_assets`, which Keras
-  calls after `load_own_variables`), so the weights store keeps exactly
-  Keras' entries and `keras.optimizers.AdamW` loads the file;
-- `tf.train.Checkpoint`: a string attribute of the optimizer's own node,
-  read before its variables are restored.
+- `.keras` files: an asset file (`save_assets`/`load_assets`; Keras'
+  `load_model` calls `load_assets` after `load_own_variables`), so the
+  weights store keeps exactly Keras' entries (Keras' `load_own_variables`
+  skips a store with any other count);
+- `tf.train.Checkpoint`: two string attributes of the optimizer's own
+  node, its entries and its variables' shapes. TensorFlow restores them
+  before the optimizer's variables (its children), so a refusal there
+  writes none of the optimizer's variables, nor the model's variables
+  below it in the checkpoint's graph.
 
-On restore, the saved entries are matched with the optimizer's:
-the same entries in another order are put back in place (a `.keras` file;
-a checkpoint restored before `build`, which then builds in the saved
-order); a checkpoint restored into an optimizer built in another order is
-refused before any value is written; different slots (amsgrad, EMA or
-accumulation differ) raise; paths that differ only by Keras' numbering
-(`dense_1` for `dense` in a re-created model) match by position, and
-otherwise different paths warn. Files without the entries (written by
-Keras) load by position, as in Keras.
+On restore: the same entries in another order are put in place (a
+`.keras` file; a checkpoint restored before `build`, which then builds in
+the saved order); a checkpoint restored into an optimizer built in another
+order, or with other shapes, is refused before any write; other slots
+(`amsgrad`, `use_ema` or `gradient_accumulation_steps` differ) raise, also
+at `build` after a deferred restore (nothing built then). Paths are
+compared without the parts they all share (a model loaded from a `.keras`
+file has no model name in them); paths that differ only by Keras'
+numbering (`dense_1` for `dense` in a re-created model) match by position,
+other paths warn and match by position. Not covered: weights-only files
+(`save_weights`; Keras gives them no assets and no room in the store) and
+files or checkpoints written by Keras, which load by position as in Keras.
 """
 
 import json

@@ -225,3 +225,26 @@ def test_building_unlike_a_restored_checkpoint_builds_nothing(
     with pytest.raises(ValueError, match=match):
         restored.build(model().trainable_variables)
     assert not restored.built and len(restored.variables) == 2
+
+
+@pytest.mark.parametrize("direction", ["ours_to_keras", "keras_to_ours"])
+def test_keras_files_still_move_between_keras_and_keras_adamw(
+    tmp_path, direction
+):
+    saver, loader = keras_adamw.AdamW, keras.optimizers.AdamW
+    if direction == "keras_to_ours":
+        saver, loader = loader, saver
+    model, optimizer = trained(saver)
+    model.compile(optimizer=optimizer, loss="mse")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    restored_model = make_model()
+    restored = loader()
+    restored.build(restored_model.trainable_variables)
+    restored_model.compile(optimizer=restored, loss="mse")
+    restored_model.load_weights(path)
+    assert int(restored.iterations) == 1
+    assert_same_slots(
+        slots_by_path(model, optimizer),
+        slots_by_path(restored_model, restored),
+    )
