@@ -150,7 +150,9 @@ def _count_hint(optimizer, saved_count):
     """What a count mismatch of a built optimizer likely means."""
     if not optimizer.built:
         return " It is not built yet; build it before loading."
-    scalars = 2
+    # The step counter, and the learning rate unless it is a schedule.
+    rate = _keras_compat.learning_rate_value(optimizer)
+    scalars = 1 + any(v is rate for v in optimizer.variables)
     per_variable = len(_keras_compat.built_variables(optimizer))
     slots = (len(optimizer.variables) - scalars) / max(per_variable, 1)
     saved = (saved_count - scalars) / max(per_variable, 1)
