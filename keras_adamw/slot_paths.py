@@ -155,8 +155,7 @@ def saved_order(saved, current, name):
             f"saved {_differences(saved, current)}, this optimizer "
             f"{_differences(current, saved)} ({len(saved)} saved entries, "
             f"{len(current)} here). Is `amsgrad`, `use_ema` or "
-            "`gradient_accumulation_steps` set differently? Nothing was "
-            "restored from this part."
+            "`gradient_accumulation_steps` set differently?"
         )
     if list(map(_numbering_removed, saved)) != list(
         map(_numbering_removed, current)
@@ -285,7 +284,14 @@ class SlotPaths:
             return
         with open(path) as file:
             saved = json.load(file)
-        order = saved_order(saved, describe(self), self.name)
+        try:
+            order = saved_order(saved, describe(self), self.name)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} `load_own_variables` has loaded the file's values "
+                "by position: build an optimizer with the saved "
+                "configuration and load again."
+            ) from None
         if order == sorted(order):
             return
         values = [self._placement.numpy(v) for v in self.variables]
