@@ -21,6 +21,7 @@ from keras_adamw import hyperparams
 from keras_adamw import keras2_api
 from keras_adamw import learning_rate as learning_rate_lib
 from keras_adamw import placement as placement_lib
+from keras_adamw import slot_paths
 from keras_adamw import slots
 from keras_adamw import state_io
 from keras_adamw import step_inputs
@@ -33,6 +34,7 @@ class Adam(
     hyperparams.HyperparameterAttributes,
     keras2_api.Keras2API,
     state_io.StateIO,
+    slot_paths.SlotPaths,
     slots.Slots,
     variable_rules.VariableRules,
     step_inputs.StepInputs,
@@ -192,7 +194,7 @@ class Adam(
         """
         if self.built:
             return
-        var_list = list(var_list)
+        var_list = slot_paths.prepare_build(self, list(var_list))
         for variable in var_list:
             call_checks.check_variable(variable)
             self._placement.check_variable(variable)
@@ -201,6 +203,7 @@ class Adam(
             slots.adam_slots(self, var_list, self.amsgrad)
         )
         self._variable_settings()  # Each variable matched to its rules.
+        slot_paths.check_restored_before_build(self)
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_adamw import _keras_compat
 from keras_adamw import validation
 
 
@@ -87,7 +88,7 @@ class StateIO:
             warnings.warn(
                 f"Skipping variable loading for optimizer {self.name!r}: it "
                 f"has {len(self.variables)} variables but the store has "
-                f"{len(store.keys())}.",
+                f"{len(store.keys())}.{_count_hint(self, len(store.keys()))}",
                 stacklevel=2,
             )
             return
@@ -95,6 +96,8 @@ class StateIO:
         check_entries(self.variables, values, "the saved value")
         for variable, value in zip(self.variables, values):
             self._placement.assign(variable, value)
+        # `load_assets` (`slot_paths`) then puts each slot on its variable.
+        self._loaded_by_position = True
 
 
 def check_entries(variables, values, what):
@@ -141,3 +144,21 @@ def check_entries(variables, values, what):
                 f"Optimizer variable {name!r} would get a non-finite value "
                 f"({value}) from {what}."
             )
+
+
+def _count_hint(optimizer, saved_count):
+    """What a count mismatch of a built optimizer likely means."""
+    if not optimizer.built:
+        return " It is not built yet; build it before loading."
+    # The step counter, and the learning rate unless it is a schedule.
+    rate = _keras_compat.learning_rate_value(optimizer)
+    scalars = 1 + any(v is rate for v in optimizer.variables)
+    per_variable = len(_keras_compat.built_variables(optimizer))
+    slots = (len(optimizer.variables) - scalars) / max(per_variable, 1)
+    saved = (saved_count - scalars) / max(per_variable, 1)
+    return (
+        f" The store holds {saved:g} slots per model variable, this "
+        f"optimizer {slots:g}: is `amsgrad`, `use_ema` or "
+        "`gradient_accumulation_steps` set differently, or was it built on "
+        "other variables? Nothing was loaded."
+    )

@@ -36,6 +36,7 @@ LAYERS = [
     {
         "execution",
         "slots",
+        "slot_paths",
         "state_io",
         "keras2_api",
         "step_inputs",
