@@ -46,7 +46,8 @@ Hyperparameter.__doc__ = """One row of the table.
   zero-argument callables (range-checked when evaluated);
 - `"number_or_none"`: a number or `None`; `"positive_or_none"`: a number
   `> 0` or `None`;
-- `"int_or_none"`: an int `>= low` or `None`; `"bool"`.
+- `"int_or_none"`: an int `>= low` or `None`; `"bool"`;
+- `"choice"`: one of the values in `low`.
 
 `in_step`: the step reads it as a scalar tensor. `structural`: it decides
 which slots exist, so it cannot change once the optimizer is built.
@@ -79,6 +80,14 @@ _ROWS = [
     ("gradient_accumulation_steps", "int_or_none", 2, None, False, None,
      False, True, True),
     ("jit_compile", "bool", None, None, False, True, False, False, False),
+    # Precision and robustness options (see keras_adamw.precision); for a
+    # "choice" row, `low` holds the accepted values.
+    ("moment_dtype", "choice", (None, "float32", "bfloat16"), None, False,
+     None, False, True, False),
+    ("kahan_summation", "bool", None, None, False, False, False, True, False),
+    ("skip_nonfinite", "bool", None, None, False, False, False, True, False),
+    ("sparse_updates", "choice", ("dense", "lazy"), None, False, "dense",
+     False, False, False),
 ]
 # fmt: on
 TABLE = collections.OrderedDict(
@@ -119,6 +128,14 @@ def check(name, value):
         return validation.check_learning_rate(value)
     if kind == "bool":
         return validation.check_bool(name, value)
+    if kind == "choice":
+        if isinstance(value, str) or value is None:
+            if value in row.low:
+                return value
+        raise ValueError(
+            f"Argument `{name}` must be one of {list(row.low)}. "
+            f"Received: {name}={value!r}"
+        )
     if kind == "int_or_none":
         return validation.check_positive_int_or_none(name, value, row.low)
     if value is None and kind in ("number_or_none", "positive_or_none"):

@@ -87,6 +87,9 @@ class Adam(
             on this mesh.
         name: Name of the optimizer; defaults to `"adam"` (made unique as in
             Keras).
+        moment_dtype, kahan_summation, skip_nonfinite, sparse_updates:
+            Precision and robustness options; see `keras_adamw.precision`,
+            `keras_adamw.lazy_sparse` and the README.
 
     Hyperparameters may be changed after construction (`opt.beta_1 = 0.8`);
     the new value is checked as the constructor checks it (see
@@ -119,6 +122,10 @@ class Adam(
         jit_compile=True,
         mesh=None,
         name=None,
+        moment_dtype=None,
+        kahan_summation=False,
+        skip_nonfinite=False,
+        sparse_updates="dense",
         **kwargs,
     ):
         # Every check runs before the base class creates any variable.
@@ -188,10 +195,12 @@ class Adam(
         for variable in var_list:
             call_checks.check_variable(variable)
             self._placement.check_variable(variable)
+        self._check_option_variables(var_list)
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
-            slots.adam_slots(self, var_list, self.amsgrad)
+            slots.adam_slots(self, var_list, self.amsgrad, self.moment_dtype)
         )
+        self._build_option_slots(var_list)
         self._build_decay_mask(var_list)
 
     # ------------------------------------------------------------------
@@ -281,7 +290,7 @@ class Adam(
             self.gradient_accumulation_steps,
             self.name,
         )
-        gradients = [self._placement.place_gradient(g, v) for g, v in present]
+        gradients = self._place_gradients(present)
         counter = call_checks.check_step_counter(
             validation.tf_variable(_keras_compat.iterations_variable(self))
         )
@@ -326,7 +335,7 @@ class Adam(
         index = _keras_compat.variable_index(self, variable)
         self._run(
             step.update_one,
-            [self._placement.place_gradient(gradient, variable)],
+            self._place_gradients([(gradient, variable)]),
             (index,),
             self._hyperparameters(learning_rate),
         )
@@ -370,9 +379,6 @@ class Adam(
             self._step_config(),
             guards=guards,
         )
-
-    # ------------------------------------------------------------------
-    # Hyperparameters and configuration.
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
