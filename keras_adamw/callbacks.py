@@ -13,6 +13,8 @@ class OptimizerLogger(keras.callbacks.Callback):
       the optimizer's step counter).
     - `effective_weight_decay`: the fraction each decayed variable shrinks
       by per step, `learning_rate * weight_decay` (0 without weight decay).
+    - `skipped_steps`: with `skip_nonfinite=True`, the number of steps
+      skipped so far for non-finite gradients.
 
     Args:
         every_batch: Also log per batch (for `TensorBoard(update_freq=...)`
@@ -44,10 +46,14 @@ class OptimizerLogger(keras.callbacks.Callback):
             np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate))
         )
         weight_decay = getattr(optimizer, "weight_decay", None) or 0.0
-        return {
+        values = {
             "learning_rate": learning_rate,
             "effective_weight_decay": learning_rate * float(weight_decay),
         }
+        skipped_steps = getattr(optimizer, "skipped_steps", None)
+        if skipped_steps is not None:
+            values["skipped_steps"] = int(np.asarray(skipped_steps.numpy()))
+        return values
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_batch and logs is not None:
