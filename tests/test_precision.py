@@ -8,6 +8,7 @@ moments, the compensation, skipped calls, lazy rows).
 """
 
 import itertools
+import json
 
 import keras
 import ml_dtypes
@@ -16,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
+from tests.jobs.processes import Processes
 from tests.reference import NumpyAdam
 from tests.reference import dense_from_sparse
 
@@ -428,3 +430,37 @@ def test_under_loss_scale_optimizer_keras_skips_first():
     optimizer.apply([tf.constant([scale, scale]) / 2], weights)
     assert int(inner.iterations.numpy()) == 1
     assert int(inner.skipped_steps.numpy()) == 0
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    out = tmp_path_factory.mktemp("precision_mirrored") / "results.json"
+    with Processes(tmp_path_factory.mktemp("logs")) as processes:
+        processes.start(
+            "precision_mirrored", "precision_mirrored_job", f"--out={out}"
+        )
+        processes.finish(["precision_mirrored"], timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("moment_dtype", "float32"),
+        ("kahan_summation", "bfloat16"),
+        ("skip_nonfinite", "float32"),
+        ("lazy", "float32"),
+    ],
+)
+def test_option_under_mirrored_strategy_equals_reference(
+    mirrored, name, dtype
+):
+    assert mirrored[name]["max_difference"] <= TOLERANCE[dtype]
+
+
+def test_nan_on_one_replica_skips_the_step_on_every_replica(mirrored):
+    result = mirrored["skip_nonfinite"]
+    assert result["skipped_steps"] == [1, 1]
+    assert result["reference_skipped_steps"] == 1
+    assert result["iterations"] == [9, 9]
+    assert result["copies_identical"]
