@@ -372,3 +372,39 @@ def test_nan_on_one_replica_skips_the_step_on_every_replica(mirrored):
     assert result["reference_skipped_steps"] == 1
     assert result["iterations"] == [9, 9]
     assert result["copies_identical"]
+
+
+def test_recommender_model_trains_lazily_with_fit():
+    """Embedding + MLP under `fit`: Keras' Embedding gives IndexedSlices;
+    with "lazy" the rows no batch touched keep their weights (no decay) and
+    zero moments, while the loss goes down."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 500, (256, 4))  # Rows 500..999 never appear.
+    targets = (ids.sum(axis=1, keepdims=True) % 7 / 7.0).astype("float32")
+
+    def train(sparse_updates):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((4,), dtype="int32"),
+                keras.layers.Embedding(1000, 8),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
+        initial = model.layers[0].embeddings.numpy().copy()
+        optimizer = keras_adamw.AdamW(0.01, sparse_updates=sparse_updates)
+        model.compile(optimizer=optimizer, loss="mse")
+        history = model.fit(ids, targets, batch_size=32, epochs=3, verbose=0)
+        table = model.layers[0].embeddings.numpy()
+        return history.history["loss"], initial, table, optimizer
+
+    losses, initial, table, optimizer = train("lazy")
+    assert losses[-1] < 0.7 * losses[0]
+    np.testing.assert_array_equal(table[500:], initial[500:])
+    assert not np.any(optimizer._velocities[0].numpy()[500:])
+    assert np.all(np.any(table[:500] != initial[:500], axis=1)[np.unique(ids)])
+    _, initial, dense_table, _ = train("dense")
+    assert np.all(dense_table[500:] != initial[500:])  # Decayed, moved.
