@@ -284,6 +284,21 @@ def test_readme_states_the_optimizer_memory_the_optimizer_allocates():
             float32, gradient_accumulation_steps=4
         ),
         "AdamW(), bfloat16 variables": state_bytes_per_parameter(bfloat16),
+        'AdamW(moment_dtype="bfloat16"), float32 variables': (
+            state_bytes_per_parameter(float32, moment_dtype="bfloat16")
+        ),
+        'AdamW(moment_dtype="float32"), bfloat16 variables': (
+            state_bytes_per_parameter(bfloat16, moment_dtype="float32")
+        ),
+        "AdamW(kahan_summation=True), bfloat16 variables": (
+            state_bytes_per_parameter(bfloat16, kahan_summation=True)
+        ),
+        "AdamW(kahan_summation=True, "
+        'moment_dtype="float32"), bfloat16 variables': (
+            state_bytes_per_parameter(
+                bfloat16, kahan_summation=True, moment_dtype="float32"
+            )
+        ),
     }
     assert table == measured
     # The same as Keras 3's AdamW (README says so).
