@@ -316,3 +316,35 @@ def test_readme_states_the_optimizer_memory_the_optimizer_allocates():
         == 20
     )
     assert state_bytes_per_parameter(bfloat16, keras.optimizers.AdamW) == 4
+
+
+def test_sparse_embedding_benchmark_runs():
+    out = run_script(
+        [
+            "benchmarks/sparse_embedding.py",
+            "--rows=2000",
+            "--ids=64",
+            "--samples=1",
+            "--lazy_steps=2",
+            "--dense_steps=1",
+        ],
+        timeout=300,
+    )
+    for name in ("keras_adamw_lazy", "keras_adamw_dense", "keras"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ ms", out, re.M), name
+
+
+def test_moment_dtype_fit_benchmark_runs():
+    out = run_script(
+        [
+            "benchmarks/moment_dtype_fit.py",
+            "--steps=3",
+            "--every=1",
+            "--d_model=16",
+            "--blocks=1",
+            "--seq_len=8",
+        ],
+        timeout=300,
+    )
+    assert "optimizer state: 8.0 vs 4.0 bytes per parameter" in out
+    assert re.search(r"^\| 3-3 \| [0-9.]+ \| [0-9.]+ \|$", out, re.M)
