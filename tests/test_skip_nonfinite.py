@@ -102,3 +102,23 @@ def test_under_loss_scale_optimizer_keras_skips_first():
     optimizer.apply([tf.constant([scale, scale]) / 2], weights)
     assert int(inner.iterations.numpy()) == 1
     assert int(inner.skipped_steps.numpy()) == 0
+
+
+def test_mixed_float16_fit_skips_in_loss_scale_optimizer_only():
+    """Under the mixed_float16 policy `compile` wraps the optimizer in a
+    LossScaleOptimizer, which skips the NaN batch itself."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        inner = keras_adamw.AdamW(skip_nonfinite=True)
+        model.compile(optimizer=inner, loss="mse")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x = np.ones((8, 2), "float32")
+    y = np.ones((8, 1), "float32")
+    y[:4] = np.nan
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert int(inner.skipped_steps.numpy()) == 0
+    assert int(inner.iterations.numpy()) == 1
+    assert np.all(np.isfinite(model.get_weights()[0]))
