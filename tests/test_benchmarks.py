@@ -332,19 +332,3 @@ def test_sparse_embedding_benchmark_runs():
     )
     for name in ("keras_adamw_lazy", "keras_adamw_dense", "keras"):
         assert re.search(rf"^\| {name} \| [0-9.]+ ms", out, re.M), name
-
-
-def test_moment_dtype_fit_benchmark_runs():
-    out = run_script(
-        [
-            "benchmarks/moment_dtype_fit.py",
-            "--steps=3",
-            "--every=1",
-            "--d_model=16",
-            "--blocks=1",
-            "--seq_len=8",
-        ],
-        timeout=300,
-    )
-    assert "optimizer state: 8.0 vs 4.0 bytes per parameter" in out
-    assert re.search(r"^\| 3-3 \| [0-9.]+ \| [0-9.]+ \|$", out, re.M)

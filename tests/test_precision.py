@@ -7,7 +7,6 @@ with `tests/reference.py` modelling the same option (stored dtypes of the
 moments, the compensation, skipped calls, lazy rows).
 """
 
-import itertools
 import json
 
 import keras
@@ -156,13 +155,18 @@ def assert_close(ours, expected, dtype, what):
     assert error <= TOLERANCE[dtype], (what, error, ours, expected)
 
 
+# Per option, four runs that cover dense and sparse gradients, XLA on and
+# off, eager and tf.function (lazy options: sparse only).
+COMBINATIONS = [
+    (False, True, True),
+    (False, False, False),
+    (True, True, False),
+    (True, False, True),
+]
 CASES = [
-    (name, sparse, jit, function)
+    (name, sparse or "lazy" in name, jit, function)
     for name in OPTIONS
-    for sparse, jit, function in itertools.product(
-        (False, True), (True, False), (False, True)
-    )
-    if sparse or "lazy" not in name
+    for sparse, jit, function in COMBINATIONS
 ]
 
 
@@ -380,7 +384,7 @@ def test_recommender_model_trains_lazily_with_fit():
     zero moments, while the loss goes down."""
     keras.utils.set_random_seed(0)
     rng = np.random.RandomState(0)
-    ids = rng.randint(0, 500, (256, 4))  # Rows 500..999 never appear.
+    ids = rng.randint(0, 500, (160, 4))  # Rows 500..999 never appear.
     targets = (ids.sum(axis=1, keepdims=True) % 7 / 7.0).astype("float32")
 
     def train(sparse_updates):
@@ -397,7 +401,7 @@ def test_recommender_model_trains_lazily_with_fit():
         initial = model.layers[0].embeddings.numpy().copy()
         optimizer = keras_adamw.AdamW(0.01, sparse_updates=sparse_updates)
         model.compile(optimizer=optimizer, loss="mse")
-        history = model.fit(ids, targets, batch_size=32, epochs=3, verbose=0)
+        history = model.fit(ids, targets, batch_size=32, epochs=4, verbose=0)
         table = model.layers[0].embeddings.numpy()
         return history.history["loss"], initial, table, optimizer
 
