@@ -23,23 +23,6 @@ SKIPPED_STEPS = "skipped_steps"
 COMPENSATION_SLOT = "compensation"
 
 
-def moment_dtype(variable_dtype, requested):
-    """The dtype of the moments of a variable of `variable_dtype`:
-    `requested` (`"float32"`, `"bfloat16"`), or the variable's own dtype for
-    `None` (Keras' behaviour).
-
-    Example:
-
-    >>> moment_dtype(tf.float16, "float32")
-    tf.float32
-    >>> moment_dtype(tf.float16, None)
-    tf.float16
-    """
-    if requested is None:
-        return tf.as_dtype(variable_dtype)
-    return tf.as_dtype(requested)
-
-
 def check_kahan_variables(variables, describe):
     """Raises unless every variable is bfloat16 or float16: a float32 or
     float64 weight loses nothing worth compensating, and a compensation slot
