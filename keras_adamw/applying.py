@@ -109,7 +109,7 @@ class ApplyGradients:
             self.gradient_accumulation_steps,
             self.name,
         )
-        gradients = [self._placement.place_gradient(g, v) for g, v in present]
+        gradients = self._place_gradients(present)
         counter = call_checks.check_step_counter(
             validation.tf_variable(_keras_compat.iterations_variable(self))
         )
@@ -154,7 +154,7 @@ class ApplyGradients:
         index = _keras_compat.variable_index(self, variable)
         self._run(
             step.update_one,
-            [self._placement.place_gradient(gradient, variable)],
+            self._place_gradients([(gradient, variable)]),
             (index,),
             self._hyperparameters(learning_rate),
         )

@@ -17,7 +17,9 @@ class OptimizerLogger(keras.callbacks.Callback):
       a rule of its own shrinks by in that step: `learning_rate *
       weight_decay`, or `weight_decay` with
       `weight_decay_mode="independent"` (`explain()` gives it per
-      variable).
+      variable);
+    - `skipped_steps`: with `skip_nonfinite=True`, the number of steps
+      skipped so far for non-finite gradients.
 
     Args:
         every_batch: Also log per batch (for `TensorBoard(update_freq=...)`
@@ -56,12 +58,16 @@ class OptimizerLogger(keras.callbacks.Callback):
         independent = (
             getattr(optimizer, "weight_decay_mode", None) == "independent"
         )
-        return {
+        values = {
             "learning_rate": learning_rate,
             "weight_decay": weight_decay,
             "effective_weight_decay": weight_decay
             * (1.0 if independent else learning_rate),
         }
+        skipped_steps = getattr(optimizer, "skipped_steps", None)
+        if skipped_steps is not None:
+            values["skipped_steps"] = int(np.asarray(skipped_steps.numpy()))
+        return values
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_batch and logs is not None:

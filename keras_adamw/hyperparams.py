@@ -51,7 +51,7 @@ Hyperparameter.__doc__ = """One row of the table.
 - `"decay"`: `None`, a number `>= low`, a `LearningRateSchedule` (called
   with the step counter) or a zero-argument callable;
 - `"int_or_none"`: an int `>= low` or `None`; `"bool"`;
-- `"choice"`: one of the strings `CHOICES[name]`;
+- `"choice"`: one of the values in `low`;
 - `"rules"`: per-variable rules (see `keras_adamw.rules`).
 
 `in_step`: the step reads it as a scalar tensor. `structural`: it decides
@@ -85,16 +85,21 @@ _ROWS = [
      False, True, True),
     ("jit_compile", "bool", None, None, False, True, False, False, False),
     ("variable_rules", "rules", None, None, False, None, False, False, False),
-    ("weight_decay_mode", "choice", None, None, False, "lr_scaled", False,
-     False, False),
+    # For a "choice" row, `low` holds the accepted values.
+    ("weight_decay_mode", "choice", adam_math.WEIGHT_DECAY_MODES, None, False,
+     "lr_scaled", False, False, False),
+    # Precision and robustness options (see keras_adamw.precision).
+    ("moment_dtype", "choice", (None, "float32", "bfloat16"), None, False,
+     None, False, True, False),
+    ("kahan_summation", "bool", None, None, False, False, False, True, False),
+    ("skip_nonfinite", "bool", None, None, False, False, False, True, False),
+    ("sparse_updates", "choice", ("dense", "lazy"), None, False, "dense",
+     False, False, False),
 ]
 # fmt: on
 TABLE = collections.OrderedDict(
     (row[0], Hyperparameter(*row)) for row in _ROWS
 )
-
-# The values a `"choice"` hyperparameter may take.
-CHOICES = {"weight_decay_mode": adam_math.WEIGHT_DECAY_MODES}
 
 # Keys `get_config` adds to the base class' config.
 EXTRA_CONFIG = tuple(h.name for h in TABLE.values() if not h.in_base_config)
@@ -130,18 +135,18 @@ def check(name, value):
         return validation.check_learning_rate(value)
     if kind == "bool":
         return validation.check_bool(name, value)
+    if kind == "choice":
+        if isinstance(value, str) or value is None:
+            if value in row.low:
+                return value
+        raise ValueError(
+            f"Argument `{name}` must be one of {list(row.low)}. "
+            f"Received: {name}={value!r}"
+        )
     if kind == "int_or_none":
         return validation.check_positive_int_or_none(name, value, row.low)
     if kind == "rules":
         return rules.check_rules(value)
-    if kind == "choice":
-        if value not in CHOICES[name]:
-            raise ValueError(
-                f"Argument `{name}` must be one of "
-                f"{', '.join(map(repr, CHOICES[name]))}. "
-                f"Received: {name}={value!r}"
-            )
-        return value
     if value is None and kind == "positive_or_none":
         return None
     if kind == "decay":

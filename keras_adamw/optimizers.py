@@ -97,6 +97,9 @@ class Adam(
             on this mesh.
         name: Name of the optimizer; defaults to `"adam"` (made unique as in
             Keras).
+        moment_dtype, kahan_summation, skip_nonfinite, sparse_updates:
+            Precision and robustness options; see `keras_adamw.precision`,
+            `keras_adamw.lazy_sparse` and the README.
 
     Hyperparameters may be changed after construction (`opt.beta_1 = 0.8`);
     the new value is checked as the constructor checks it (see
@@ -131,6 +134,10 @@ class Adam(
         weight_decay_mode="lr_scaled",
         mesh=None,
         name=None,
+        moment_dtype=None,
+        kahan_summation=False,
+        skip_nonfinite=False,
+        sparse_updates="dense",
         **kwargs,
     ):
         # Every check runs before the base class creates any variable.
@@ -198,10 +205,12 @@ class Adam(
         for variable in var_list:
             call_checks.check_variable(variable)
             self._placement.check_variable(variable)
+        self._check_option_variables(var_list)
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
-            slots.adam_slots(self, var_list, self.amsgrad)
+            slots.adam_slots(self, var_list, self.amsgrad, self.moment_dtype)
         )
+        self._build_option_slots(var_list)
         self._variable_settings()  # Each variable matched to its rules.
         slot_paths.check_restored_before_build(self)
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from keras_adamw import _keras_compat
 from keras_adamw import adam_math
+from keras_adamw import lazy_sparse
 from keras_adamw import validation
 
 
@@ -42,9 +43,11 @@ class Placement(typing.Protocol):
     ):
         """Makes (and tracks on `optimizer`) one optimizer variable."""
 
-    def add_slot(self, optimizer, reference, shape, initializer, name):
+    def add_slot(
+        self, optimizer, reference, shape, initializer, name, dtype=None
+    ):
         """Makes the slot `name` of model variable `reference` (its own shape
-        when `shape` is None)."""
+        when `shape` is None, its own dtype when `dtype` is None)."""
 
     def make_scalar(self, value, dtype, name):
         """Makes a scalar variable the optimizer keeps for itself (not one
@@ -53,9 +56,11 @@ class Placement(typing.Protocol):
     def check_variable(self, variable):
         """Raises if model variable `variable` cannot be updated here."""
 
-    def place_gradient(self, gradient, variable):
+    def place_gradient(self, gradient, variable, keep_rows=False):
         """The dense gradient in `variable`'s compute dtype (duplicate
-        sparse indices summed in that dtype), where `variable` lives."""
+        sparse indices summed in that dtype), where `variable` lives; with
+        `keep_rows` (`sparse_updates="lazy"`), where the placement can
+        scatter, a `tf.IndexedSlices` stays one with unique indices."""
 
     def place_scalars(self, scalars):
         """A dict of hyperparameter tensors, where the variables live."""
@@ -101,17 +106,24 @@ class LocalPlacement:
             optimizer, shape, initializer, dtype, aggregation, layout, name
         )
 
-    def add_slot(self, optimizer, reference, shape, initializer, name):
-        if shape is None:
+    def add_slot(
+        self, optimizer, reference, shape, initializer, name, dtype=None
+    ):
+        if shape is None and dtype is None:
             return keras_add_variable_from_reference(
                 optimizer, reference, name, initializer
             )
-        return optimizer.add_variable(
-            shape=shape,
-            initializer=initializer,
-            dtype=reference.dtype,
-            name=slot_name(reference, name),
-        )
+        # Colocated with its variable, as Keras' own slots.
+        strategy = tf.distribute.get_strategy()
+        with strategy.extended.colocate_vars_with(
+            validation.tf_variable(reference)
+        ):
+            return optimizer.add_variable(
+                shape=tuple(reference.shape) if shape is None else shape,
+                initializer=initializer,
+                dtype=dtype or reference.dtype,
+                name=slot_name(reference, name),
+            )
 
     def make_scalar(self, value, dtype, name):
         with tf.init_scope():
@@ -120,10 +132,11 @@ class LocalPlacement:
     def check_variable(self, variable):
         del variable  # Any floating variable (checked by validation).
 
-    def place_gradient(self, gradient, variable):
-        return adam_math.densify(
-            gradient, adam_math.compute_dtype(variable.dtype)
-        )
+    def place_gradient(self, gradient, variable, keep_rows=False):
+        dtype = adam_math.compute_dtype(variable.dtype)
+        if keep_rows and lazy_sparse.is_sparse(gradient):
+            return lazy_sparse.unique_rows(gradient, dtype)
+        return adam_math.densify(gradient, dtype)
 
     def place_scalars(self, scalars):
         return scalars

@@ -12,13 +12,17 @@ business (`keras_adamw.placement`).
 import keras
 import tensorflow as tf
 
+from keras_adamw import precision
+from keras_adamw import validation
+
 ADAM_SLOTS = ("momentum", "velocity")
 AMSGRAD_SLOT = "velocity_hat"
 
 
-def add_slots(optimizer, variables, names):
+def add_slots(optimizer, variables, names, dtype=None):
     """Adds slots `names` for each of `variables`, interleaved per variable
-    as Keras' `add_optimizer_variables` does.
+    as Keras' `add_optimizer_variables` does, of `dtype` (default: each
+    variable's own).
 
     Returns:
         One list of slots per name, aligned with `variables`.
@@ -35,13 +39,16 @@ def add_slots(optimizer, variables, names):
     for variable in variables:
         for slot_list, name in zip(slots, names):
             slot_list.append(
-                optimizer.add_variable_from_reference(variable, name=name)
+                optimizer.add_variable_from_reference(
+                    variable, name=name, dtype=dtype
+                )
             )
     return slots
 
 
-def adam_slots(optimizer, variables, amsgrad):
-    """Momentums, velocities and (amsgrad only, else `None`) velocity_hats.
+def adam_slots(optimizer, variables, amsgrad, moment_dtype=None):
+    """Momentums, velocities and (amsgrad only, else `None`) velocity_hats,
+    of `moment_dtype` (default: each variable's own dtype, as Keras).
 
     Example:
 
@@ -50,18 +57,57 @@ def adam_slots(optimizer, variables, amsgrad):
     >>> len(m), v_hat
     (1, None)
     """
-    momentums, velocities = add_slots(optimizer, variables, ADAM_SLOTS)
+    momentums, velocities = add_slots(
+        optimizer, variables, ADAM_SLOTS, moment_dtype
+    )
     velocity_hats = None
     if amsgrad:
-        (velocity_hats,) = add_slots(optimizer, variables, [AMSGRAD_SLOT])
+        (velocity_hats,) = add_slots(
+            optimizer, variables, [AMSGRAD_SLOT], moment_dtype
+        )
     return momentums, velocities, velocity_hats
 
 
 class Slots:
     """The optimizer's variable-making methods, through its placement."""
 
+    # Made by `build` with kahan_summation / skip_nonfinite only, so that
+    # the default layout of `variables` stays Keras'.
+    _compensations = None
+    skipped_steps = None
+
+    def _check_option_variables(self, variables):
+        """Raises (before `build` changes anything) if an option does not
+        apply to one of `variables`."""
+        if self.kahan_summation:
+            precision.check_kahan_variables(
+                variables, validation.variable_name
+            )
+
+    def _build_option_slots(self, variables):
+        """Makes the `compensation` slot of each variable (after all Adam
+        slots) with kahan_summation, and the `skipped_steps` counter (last)
+        with skip_nonfinite."""
+        if self.kahan_summation:
+            (self._compensations,) = add_slots(
+                self, variables, [precision.COMPENSATION_SLOT]
+            )
+        if self.skip_nonfinite:
+            # Counted like `iterations`: each replica counts the same.
+            self.skipped_steps = self.add_variable(
+                shape=(),
+                dtype="int",
+                aggregation="only_first_replica",
+                name=precision.SKIPPED_STEPS,
+            )
+
     def add_variable_from_reference(
-        self, reference_variable, name=None, initializer="zeros", shape=None
+        self,
+        reference_variable,
+        name=None,
+        initializer="zeros",
+        shape=None,
+        dtype=None,
     ):
         """Adds an optimizer variable shaped like `reference_variable`.
 
@@ -74,6 +120,7 @@ class Slots:
                 `variable_name`); the name is `{path}_{name}`.
             initializer: Keras initializer or its name. Defaults to zeros.
             shape: Optional shape, for a slot not shaped like the variable.
+            dtype: Optional dtype; defaults to the variable's.
 
         Returns:
             The new `keras.Variable`, colocated with `reference_variable`.
@@ -91,6 +138,7 @@ class Slots:
             None if shape is None else tuple(shape),
             initializer,
             name,
+            dtype=dtype,
         )
 
     def add_variable(

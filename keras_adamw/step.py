@@ -18,6 +18,8 @@ import collections
 import tensorflow as tf
 
 from keras_adamw import adam_math
+from keras_adamw import lazy_sparse
+from keras_adamw import precision
 
 State = collections.namedtuple(
     "State",
@@ -29,13 +31,17 @@ State = collections.namedtuple(
         "velocity_hats",
         "averages",
         "accumulators",
+        "compensations",
+        "skipped_steps",
     ],
+    defaults=(None, None),
 )
 State.__doc__ = """The variables one step reads and writes.
 
 `variables` and each slot list are aligned: entry `i` belongs to model
 variable `i`. `velocity_hats`, `averages` and `accumulators` are `None`
-when amsgrad, EMA or gradient accumulation is off.
+when amsgrad, EMA or gradient accumulation is off; `compensations`
+without `kahan_summation`, `skipped_steps` without `skip_nonfinite`.
 """
 
 StepConfig = collections.namedtuple(
@@ -54,9 +60,11 @@ StepConfig = collections.namedtuple(
         "weight_decay_mode",
         "constraints",
         "ema_first_step_copies",
+        "kahan_summation",
+        "skip_nonfinite",
     ],
     # Fields added later have defaults, so older callers keep working.
-    defaults=(True,),
+    defaults=(True, False, False),
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
@@ -87,8 +95,13 @@ def real_iterations(iterations, config):
 def apply_step(gradients, indices, state, hyper, config):
     """Applies one call's gradients to `state`.
 
+    With `skip_nonfinite`, a call whose gradients (unscaled, before
+    clipping) hold a NaN or Inf only counts itself in `skipped_steps`.
+
     Args:
-        gradients: Dense gradients of the variables `indices` name.
+        gradients: Dense gradients of the variables `indices` name (or,
+            for `sparse_updates="lazy"`, `tf.IndexedSlices` with unique
+            indices).
         indices: Tuple of positions in `state.variables`.
         state: A `State` of `tf.Variable`s.
         hyper: Dict of scalar tensors: `learning_rate`, `beta_1`, `beta_2`,
@@ -102,10 +115,28 @@ def apply_step(gradients, indices, state, hyper, config):
     ]
     if config.loss_scale_factor is not None:
         gradients = [
-            g / adam_math.as_scalar(config.loss_scale_factor, g.dtype)
+            lazy_sparse.map_values(
+                lambda x: (
+                    x / adam_math.as_scalar(config.loss_scale_factor, x.dtype)
+                ),
+                g,
+            )
             for g in gradients
         ]
+    if config.skip_nonfinite:
+        precision.skip_if_nonfinite(
+            gradients,
+            state.skipped_steps,
+            lambda: _update(gradients, indices, state, hyper, config),
+        )
+    else:
+        _update(gradients, indices, state, hyper, config)
 
+
+def _update(gradients, indices, state, hyper, config):
+    """`apply_step` once the gradients are unscaled: accumulate or take a
+    real step, apply constraints, count the call."""
+    variables = [state.variables[i] for i in indices]
     steps = config.gradient_accumulation_steps
     if steps:
         accumulators = [state.accumulators[i] for i in indices]
@@ -140,8 +171,11 @@ def apply_step(gradients, indices, state, hyper, config):
 
 def real_step(gradients, indices, state, hyper, config):
     """A real step: clip, update each variable, then move the EMA."""
-    gradients = adam_math.clip_gradients(
-        gradients, config.clipnorm, config.clipvalue, config.global_clipnorm
+    gradients = lazy_sparse.clip_gradients(
+        lambda dense: adam_math.clip_gradients(
+            dense, config.clipnorm, config.clipvalue, config.global_clipnorm
+        ),
+        gradients,
     )
     real_index = real_iterations(state.iterations, config)
     for gradient, index in zip(gradients, indices):
@@ -173,7 +207,9 @@ def _weight_decay(settings, hyper, dtype):
 
 def update_variable(gradient, index, step, state, hyper, config):
     """Applies `adam_math.adam_update` to variable `index` and its slots,
-    with the hyperparameters its rules give."""
+    with the hyperparameters its rules give (only to the rows of a sparse
+    `gradient`, see `lazy_sparse`), storing the weight with its
+    compensation under `kahan_summation`."""
     variable = state.variables[index]
     dtype = adam_math.compute_dtype(variable.dtype)
     settings = config.settings[index]
@@ -183,12 +219,26 @@ def update_variable(gradient, index, step, state, hyper, config):
         learning_rate = learning_rate * adam_math.as_scalar(
             settings.learning_rate_multiplier, dtype
         )
+    read, store = _read, _store
+    if lazy_sparse.is_sparse(gradient):
+        rows, gradient = gradient.indices, gradient.values
+
+        def read(slot, dtype):
+            return tf.cast(lazy_sparse.gather(slot, rows), dtype)
+
+        def store(slot, value):
+            lazy_sparse.scatter(slot, rows, value)
+
+    value = read(variable, dtype)
+    if config.kahan_summation:
+        compensation = state.compensations[index]
+        value = precision.compensated(value, read(compensation, dtype))
     new = adam_math.adam_update(
-        _read(variable, dtype),
+        value,
         tf.cast(gradient, dtype),
-        _read(state.momentums[index], dtype),
-        _read(state.velocities[index], dtype),
-        None if velocity_hat is None else _read(velocity_hat, dtype),
+        read(state.momentums[index], dtype),
+        read(state.velocities[index], dtype),
+        None if velocity_hat is None else read(velocity_hat, dtype),
         learning_rate=learning_rate,
         beta_1=_hyperparameter("beta_1", settings, hyper, dtype),
         beta_2=_hyperparameter("beta_2", settings, hyper, dtype),
@@ -197,11 +247,18 @@ def update_variable(gradient, index, step, state, hyper, config):
         weight_decay=_weight_decay(settings, hyper, dtype),
         weight_decay_mode=config.weight_decay_mode,
     )
-    _store(variable, new.variable)
-    _store(state.momentums[index], new.momentum)
-    _store(state.velocities[index], new.velocity)
+    if config.kahan_summation:
+        weight, rest = precision.split_compensated(
+            new.variable, variable.dtype
+        )
+        store(compensation, rest)
+        store(variable, weight)
+    else:
+        store(variable, new.variable)
+    store(state.momentums[index], new.momentum)
+    store(state.velocities[index], new.velocity)
     if velocity_hat is not None:
-        _store(velocity_hat, new.velocity_hat)
+        store(velocity_hat, new.velocity_hat)
 
 
 def update_moving_average(real_index, state, config):

@@ -51,6 +51,17 @@ class StepInputs:
         )
         return hyperparams.step_tensors(values, computed)
 
+    def _place_gradients(self, pairs):
+        """The gradients of `(gradient, variable)` pairs where their
+        variables live, dense, or with `sparse_updates="lazy"` (and no
+        gradient accumulation, whose accumulators are dense) sparse ones
+        as rows with unique indices."""
+        lazy = self.sparse_updates == "lazy"
+        keep_rows = lazy and not self.gradient_accumulation_steps
+        return [
+            self._placement.place_gradient(g, v, keep_rows) for g, v in pairs
+        ]
+
     def _state(self):
         """The variables a step reads and writes, as a `step.State`."""
 
@@ -77,6 +88,10 @@ class StepInputs:
                 if self.gradient_accumulation_steps
                 else None
             ),
+            compensations=tf_variables(self._compensations),
+            skipped_steps=None
+            if self.skipped_steps is None
+            else validation.tf_variable(self.skipped_steps),
         )
 
     def _step_config(self):
@@ -97,4 +112,6 @@ class StepInputs:
             constraints=tuple(
                 getattr(v, "constraint", None) for v in variables
             ),
+            kahan_summation=self.kahan_summation,
+            skip_nonfinite=self.skip_nonfinite,
         )

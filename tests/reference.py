@@ -31,6 +31,13 @@ class NumpyAdam:
     values (a new moment is used unrounded, as it is computed, and rounded
     only where it is stored). Gradients are taken as given (the caller
     passes values the dtype holds, or their exact sum).
+
+    `moment_dtype` stores the moments in that dtype instead (rounded where
+    stored). `kahan_summation` keeps a compensation per weight, rounded to
+    `dtype`: a step updates `weight + compensation` and stores the rounded
+    result and what the rounding lost. `skip_nonfinite` skips (and counts in
+    `skipped_steps`) a call with a non-finite (unscaled) gradient. `lazy`:
+    `step(grads, rows=...)` updates only the listed rows of a variable.
     """
 
     def __init__(
@@ -54,8 +61,16 @@ class NumpyAdam:
         dtype=None,
         weight_decay_mode="lr_scaled",
         per_variable=None,
+        moment_dtype=None,
+        kahan_summation=False,
+        skip_nonfinite=False,
     ):
         self.dtype = dtype
+        self.moment_dtype = moment_dtype or dtype
+        self.kahan_summation = kahan_summation
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.rows = None
         self.weights = [
             self._store(np.array(w, dtype=np.float64)) for w in weights
         ]
@@ -64,6 +79,7 @@ class NumpyAdam:
         self.velocity_hats = [np.zeros_like(w) for w in self.weights]
         self.averages = [np.zeros_like(w) for w in self.weights]
         self.accumulators = [np.zeros_like(w) for w in self.weights]
+        self.compensations = [np.zeros_like(w) for w in self.weights]
         self.learning_rate = learning_rate
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.amsgrad = amsgrad
@@ -82,11 +98,25 @@ class NumpyAdam:
         self.calls = 0  # Keras' raw `_iterations`.
         self.real_steps = 0  # Keras' `iterations`.
 
-    def _store(self, x):
+    def _store(self, x, dtype="weights"):
         """`x` as a variable of `dtype` holds it (float64 without one)."""
-        if self.dtype is None:
+        dtype = self.dtype if dtype == "weights" else dtype
+        if dtype is None:
             return x
-        return np.asarray(x, np.float64).astype(self.dtype).astype(np.float64)
+        return np.asarray(x, np.float64).astype(dtype).astype(np.float64)
+
+    def _store_moment(self, i, old, new):
+        """The new moment as stored (in `moment_dtype`), only in `rows[i]`
+        when the call is lazy for variable `i`."""
+        return self._rows_only(i, old, self._store(new, self.moment_dtype))
+
+    def _rows_only(self, i, old, new):
+        if self.rows is None or self.rows[i] is None:
+            return new
+        result = old.copy()
+        rows = np.unique(self.rows[i])
+        result[rows] = new[rows]
+        return result
 
     @staticmethod
     def _value(x):
@@ -112,8 +142,10 @@ class NumpyAdam:
             return [np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
         return grads
 
-    def step(self, grads):
-        """One optimizer call with dense float64 gradients (None = absent)."""
+    def step(self, grads, rows=None):
+        """One optimizer call with dense float64 gradients (None = absent);
+        `rows[i]`, if given, lists the rows a lazy update of variable `i`
+        touches (the indices of its sparse gradient)."""
         grads = [
             None if g is None else np.asarray(g, np.float64) for g in grads
         ]
@@ -122,6 +154,12 @@ class NumpyAdam:
                 None if g is None else g / self.loss_scale_factor
                 for g in grads
             ]
+        if self.skip_nonfinite and not all(
+            np.all(np.isfinite(g)) for g in grads if g is not None
+        ):
+            self.skipped_steps += 1
+            return
+        self.rows = rows
         present = [i for i, g in enumerate(grads) if g is not None]
         if self.accumulation:
             if (self.calls + 1) % self.accumulation == 0:
@@ -162,20 +200,28 @@ class NumpyAdam:
             epsilon = own.get("epsilon", self.epsilon)
             alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
             w = self.weights[i]
+            if self.kahan_summation:
+                w = w + self.compensations[i]
             wd = self._weight_decay(i)
             if wd is not None:
                 scale = 1.0 if self.weight_decay_mode == "independent" else lr
                 w = w - w * wd * scale
             m = self.momentums[i] + (g - self.momentums[i]) * (1 - b1)
             v = self.velocities[i] + (g * g - self.velocities[i]) * (1 - b2)
-            self.momentums[i] = self._store(m)
-            self.velocities[i] = self._store(v)
+            self.momentums[i] = self._store_moment(i, self.momentums[i], m)
+            self.velocities[i] = self._store_moment(i, self.velocities[i], v)
             if self.amsgrad:
                 v = np.maximum(self.velocity_hats[i], v)
-                self.velocity_hats[i] = self._store(v)
-            self.weights[i] = self._store(
-                w - alpha * m / (np.sqrt(v) + epsilon)
-            )
+                self.velocity_hats[i] = self._store_moment(
+                    i, self.velocity_hats[i], v
+                )
+            exact = w - alpha * m / (np.sqrt(v) + epsilon)
+            weight = self._rows_only(i, self.weights[i], self._store(exact))
+            if self.kahan_summation:
+                self.compensations[i] = self._rows_only(
+                    i, self.compensations[i], self._store(exact - weight)
+                )
+            self.weights[i] = weight
         if self.use_ema:
             momentum = self.ema_momentum if self.real_steps > 0 else 0.0
             self.averages = [

@@ -284,6 +284,21 @@ def test_readme_states_the_optimizer_memory_the_optimizer_allocates():
             float32, gradient_accumulation_steps=4
         ),
         "AdamW(), bfloat16 variables": state_bytes_per_parameter(bfloat16),
+        'AdamW(moment_dtype="bfloat16"), float32 variables': (
+            state_bytes_per_parameter(float32, moment_dtype="bfloat16")
+        ),
+        'AdamW(moment_dtype="float32"), bfloat16 variables': (
+            state_bytes_per_parameter(bfloat16, moment_dtype="float32")
+        ),
+        "AdamW(kahan_summation=True), bfloat16 variables": (
+            state_bytes_per_parameter(bfloat16, kahan_summation=True)
+        ),
+        "AdamW(kahan_summation=True, "
+        'moment_dtype="float32"), bfloat16 variables': (
+            state_bytes_per_parameter(
+                bfloat16, kahan_summation=True, moment_dtype="float32"
+            )
+        ),
     }
     assert table == measured
     # The same as Keras 3's AdamW (README says so).
@@ -301,3 +316,19 @@ def test_readme_states_the_optimizer_memory_the_optimizer_allocates():
         == 20
     )
     assert state_bytes_per_parameter(bfloat16, keras.optimizers.AdamW) == 4
+
+
+def test_sparse_embedding_benchmark_runs():
+    out = run_script(
+        [
+            "benchmarks/sparse_embedding.py",
+            "--rows=2000",
+            "--ids=64",
+            "--samples=1",
+            "--lazy_steps=2",
+            "--dense_steps=1",
+        ],
+        timeout=300,
+    )
+    for name in ("keras_adamw_lazy", "keras_adamw_dense", "keras"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ ms", out, re.M), name

@@ -9,6 +9,7 @@ as everywhere.
 """
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -190,7 +191,9 @@ class MeshPlacement:
             tf.constant(value, dtype), self.replicated(0), name=name
         )
 
-    def add_slot(self, optimizer, reference, shape, initializer, name):
+    def add_slot(
+        self, optimizer, reference, shape, initializer, name, dtype=None
+    ):
         """A slot laid out like its model variable (see `slot_layout`); a slot
         of another `shape` is replicated."""
         self.check_variable(reference)
@@ -205,7 +208,7 @@ class MeshPlacement:
             optimizer,
             shape,
             initializer,
-            reference.dtype,
+            dtype or reference.dtype,
             "none",
             layout,
             placement.slot_name(reference, name),
@@ -230,14 +233,17 @@ class MeshPlacement:
                 f"on the optimizer's mesh {self.mesh}."
             )
 
-    def place_gradient(self, gradient, variable):
+    def place_gradient(self, gradient, variable, keep_rows=False):
         """The dense gradient in `variable`'s compute dtype, on the mesh with
         `variable`'s layout.
 
         `tf.IndexedSlices` are summed (in the compute dtype) into a dense
         gradient first: DTensor's sparse scatter ops do not propagate layouts
-        of sharded variables.
+        of sharded variables. So `sparse_updates="lazy"` (`keep_rows`) falls
+        back to the dense update here, with one warning per placement.
         """
+        if keep_rows and isinstance(gradient, tf.IndexedSlices):
+            self._warn_dense_fallback()
         variable = validation.tf_variable(variable)
         layout = variable.layout
         dtype = adam_math.compute_dtype(variable.dtype)
@@ -252,6 +258,16 @@ class MeshPlacement:
                 values, indices, variable.shape[0]
             )
         return self.to_mesh(gradient, layout, dtype=dtype)
+
+    def _warn_dense_fallback(self):
+        if not getattr(self, "_warned_dense_fallback", False):
+            self._warned_dense_fallback = True
+            warnings.warn(
+                'sparse_updates="lazy" falls back to the dense update on a '
+                "DTensor mesh: scatter on sharded DVariables does not keep "
+                "layouts. Sparse gradients are densified (exact, not lazy).",
+                stacklevel=4,
+            )
 
     def place_scalars(self, scalars):
         """Hyperparameter tensors as replicated scalars on the mesh."""
