@@ -84,7 +84,7 @@ class Adam(
             overrides)` where `pattern` is a regular expression searched in
             the variable's path (`"dense_1/bias"`) and name, and `overrides`
             a dict with any of `learning_rate_multiplier`, `weight_decay`
-            (0.0 excludes), `beta_1`, `beta_2`, `epsilon`. Each setting comes
+            (0.0 excludes), `beta_1`, `beta_2`, `epsilon`, `moment_dtype`. Each setting comes
             from the first matching rule that sets it. See
             `keras_adamw.rules` and `explain()`.
         weight_decay_mode: `"lr_scaled"` (default; Keras, torch, optax:
@@ -208,7 +208,9 @@ class Adam(
         self._check_option_variables(var_list)
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
-            slots.adam_slots(self, var_list, self.amsgrad, self.moment_dtype)
+            slots.adam_slots(
+                self, var_list, self.amsgrad, self._moment_dtypes(var_list)
+            )
         )
         self._build_option_slots(var_list)
         self._variable_settings()  # Each variable matched to its rules.

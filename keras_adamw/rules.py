@@ -18,14 +18,36 @@ import re
 
 from keras_adamw import validation
 
-# The overrides a rule may give, with the range each value must be in.
+
+def _number(**interval):
+    def check(key, value):
+        return validation.check_number(key, value, **interval)
+
+    return check
+
+
+def _choice(*choices):
+    def check(key, value):
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError(
+            f"`{key}` must be one of {list(choices)}. Received: "
+            f"{key}={value!r}"
+        )
+
+    return check
+
+
+# The overrides a rule may give, each with the check of its value.
 OVERRIDES = collections.OrderedDict(
     [
-        ("learning_rate_multiplier", dict(low=0.0)),
-        ("weight_decay", dict(low=0.0)),
-        ("beta_1", dict(low=0.0, high=1.0, high_open=True)),
-        ("beta_2", dict(low=0.0, high=1.0, high_open=True)),
-        ("epsilon", dict(low=0.0)),
+        ("learning_rate_multiplier", _number(low=0.0)),
+        ("weight_decay", _number(low=0.0)),
+        ("beta_1", _number(low=0.0, high=1.0, high_open=True)),
+        ("beta_2", _number(low=0.0, high=1.0, high_open=True)),
+        ("epsilon", _number(low=0.0)),
+        # Decided when the slots are made (at build).
+        ("moment_dtype", _choice("float32", "bfloat16")),
     ]
 )
 
@@ -35,9 +57,10 @@ Settings.__doc__ = """One variable's settings after its rules.
 `learning_rate_multiplier` scales the optimizer's learning rate (1.0 when
 no rule sets it). The others are constants replacing the optimizer's value,
 or `None` to use the optimizer's (a `weight_decay` of 0.0 excludes the
-variable from weight decay).
+variable from weight decay; `moment_dtype` is the dtype of its momentum,
+velocity and velocity_hat, fixed when the optimizer is built).
 """
-DEFAULT = Settings(1.0, None, None, None, None)
+DEFAULT = Settings(1.0, None, None, None, None, None)
 
 Rule = collections.namedtuple("Rule", ["pattern", "overrides"])
 Rule.__doc__ = """A checked rule: `pattern` (a string) and `overrides` (a
@@ -100,9 +123,7 @@ def check_rule(index, rule):
                 f"Known: {', '.join(OVERRIDES)}."
             )
         try:
-            checked[key] = validation.check_number(
-                key, value, **OVERRIDES[key]
-            )
+            checked[key] = OVERRIDES[key](key, value)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{_describe(index, rule)}: {error}") from None
     return Rule(pattern, tuple(checked.items()))

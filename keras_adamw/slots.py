@@ -22,7 +22,8 @@ AMSGRAD_SLOT = "velocity_hat"
 def add_slots(optimizer, variables, names, dtype=None):
     """Adds slots `names` for each of `variables`, interleaved per variable
     as Keras' `add_optimizer_variables` does, of `dtype` (default: each
-    variable's own).
+    variable's own; a list gives each variable its own, `None` entries
+    meaning the variable's).
 
     Returns:
         One list of slots per name, aligned with `variables`.
@@ -36,11 +37,12 @@ def add_slots(optimizer, variables, names, dtype=None):
     'w_velocity'
     """
     slots = tuple([] for _ in names)
-    for variable in variables:
+    dtypes = dtype if isinstance(dtype, list) else [dtype] * len(variables)
+    for variable, variable_dtype in zip(variables, dtypes):
         for slot_list, name in zip(slots, names):
             slot_list.append(
                 optimizer.add_variable_from_reference(
-                    variable, name=name, dtype=dtype
+                    variable, name=name, dtype=variable_dtype
                 )
             )
     return slots
@@ -48,7 +50,8 @@ def add_slots(optimizer, variables, names, dtype=None):
 
 def adam_slots(optimizer, variables, amsgrad, moment_dtype=None):
     """Momentums, velocities and (amsgrad only, else `None`) velocity_hats,
-    of `moment_dtype` (default: each variable's own dtype, as Keras).
+    of `moment_dtype` (default: each variable's own dtype, as Keras; a list
+    gives each variable its own).
 
     Example:
 

@@ -64,6 +64,15 @@ class VariableRules:
         self._settings_cache = (key, settings)  # Immutable: not tracked.
         return settings
 
+    def _moment_dtypes(self, variables):
+        """The dtype of each variable's moments: its rules' `moment_dtype`,
+        else the optimizer's (`None`: the variable's own)."""
+        return [
+            rules.match(self.variable_rules, v)[0].moment_dtype
+            or self.moment_dtype
+            for v in variables
+        ]
+
     def _current_weight_decay(self):
         """The optimizer's weight decay for the coming step, as a float (a
         schedule evaluated at the step counter); 0.0 for none."""
@@ -170,7 +179,7 @@ class VariableRules:
         one build would make."""
         if self.built and _keras_compat.is_built_variable(self, variable):
             index = _keras_compat.variable_index(self, variable)
-            return keras.backend.standardize_dtype(
-                self._momentums[index].dtype
-            )
-        return keras.backend.standardize_dtype(variable.dtype)
+            dtype = self._momentums[index].dtype
+        else:
+            dtype = self._moment_dtypes([variable])[0] or variable.dtype
+        return keras.backend.standardize_dtype(dtype)

@@ -301,3 +301,42 @@ def test_logger_logs_the_scheduled_effective_decay():
     assert history.history["effective_weight_decay"] == pytest.approx(
         [0.5 * d for d in decays]
     )
+
+
+def test_moment_dtype_rule_gives_one_variable_bfloat16_moments():
+    import ml_dtypes
+
+    rng = np.random.RandomState(5)
+    init = [rng.randn(3, 2), rng.randn(3, 2)]
+    grads = [[rng.randn(3, 2), rng.randn(3, 2)] for _ in range(10)]
+    with keras.name_scope("embedding"):
+        table = keras.Variable(init[0], dtype="float32", name="table")
+    kernel = keras.Variable(init[1], dtype="float32", name="kernel")
+    optimizer = keras_adamw.AdamW(
+        learning_rate=0.01,
+        variable_rules=[("embedding", {"moment_dtype": "bfloat16"})],
+    )
+    assert [r.slot_dtype for r in optimizer.explain([table, kernel])] == [
+        "bfloat16",
+        "float32",
+    ]
+    for step_grads in grads:
+        optimizer.apply(
+            [tf.constant(g, tf.float32) for g in step_grads], [table, kernel]
+        )
+    assert [m.dtype for m in optimizer._momentums] == ["bfloat16", "float32"]
+    for i, moment_dtype in [(0, ml_dtypes.bfloat16), (1, None)]:
+        ref = NumpyAdam(
+            [init[i]],
+            learning_rate=0.01,
+            weight_decay=0.004,
+            dtype=np.float32,
+            moment_dtype=moment_dtype,
+        )
+        for step_grads in grads:
+            ref.step([step_grads[i]])
+        np.testing.assert_allclose(
+            [table, kernel][i].numpy(), ref.weights[0], atol=1e-5, rtol=0
+        )
+    with pytest.raises(ValueError, match=r"\[0\].*moment_dtype.*float16"):
+        keras_adamw.AdamW(variable_rules=[("a", {"moment_dtype": "float16"})])
