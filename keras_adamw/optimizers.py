@@ -84,9 +84,9 @@ class Adam(
             overrides)` where `pattern` is a regular expression searched in
             the variable's path (`"dense_1/bias"`) and name, and `overrides`
             a dict with any of `learning_rate_multiplier`, `weight_decay`
-            (0.0 excludes), `beta_1`, `beta_2`, `epsilon`, `moment_dtype`. Each setting comes
-            from the first matching rule that sets it. See
-            `keras_adamw.rules` and `explain()`.
+            (0.0 excludes), `beta_1`, `beta_2`, `epsilon`, `moment_dtype`.
+            Each setting comes from the first matching rule that sets it.
+            See `keras_adamw.rules` and `explain()`.
         weight_decay_mode: `"lr_scaled"` (default; Keras, torch, optax:
             `var -= var * wd * lr`) or `"independent"` (`var -= var * wd`,
             Loshchilov & Hutter's decoupled form: put the schedule on
