@@ -18,6 +18,9 @@ Row = collections.namedtuple(
         "beta_2",
         "epsilon",
         "slot_dtype",
+        "kahan_summation",
+        "sparse_updates",
+        "skip_nonfinite",
         "layout",
     ],
 )
@@ -32,6 +35,8 @@ Row.__doc__ = """What the optimizer does to one variable.
   `weight_decay_mode="independent"`);
 - `beta_1`, `beta_2`, `epsilon`: the values the update uses;
 - `slot_dtype`: the dtype of its momentum and velocity;
+- `kahan_summation`, `sparse_updates`, `skip_nonfinite`: the precision
+  and robustness options as they apply to it;
 - `layout`: its layout on a DTensor mesh, else `None`.
 """
 
@@ -39,6 +44,9 @@ _HEADERS = {
     "learning_rate_multiplier": "lr x",
     "learning_rate": "lr",
     "decay_per_step": "decay/step",
+    "kahan_summation": "kahan",
+    "sparse_updates": "sparse",
+    "skip_nonfinite": "skip nonfinite",
 }
 
 

@@ -100,7 +100,7 @@ class VariableRules:
             A `keras_adamw.explain.Explanation`: a list with one
             `explain.Row` per variable (path, shape, dtype, the rules that
             matched, effective learning rate, weight decay, betas, epsilon,
-            slot dtype and layout on a mesh); `print()` shows it as a table.
+            slot dtype, precision options and layout on a mesh); `print()` shows it as a table.
 
         Raises:
             ValueError: If `var_list` is omitted before the optimizer is
@@ -171,6 +171,9 @@ class VariableRules:
             beta_2=value("beta_2"),
             epsilon=value("epsilon"),
             slot_dtype=self._slot_dtype(variable),
+            kahan_summation=self.kahan_summation,
+            sparse_updates=self.sparse_updates,
+            skip_nonfinite=self.skip_nonfinite,
             layout=self._placement.layout_of(variable),
         )
 

@@ -340,3 +340,18 @@ def test_moment_dtype_rule_gives_one_variable_bfloat16_moments():
         )
     with pytest.raises(ValueError, match=r"\[0\].*moment_dtype.*float16"):
         keras_adamw.AdamW(variable_rules=[("a", {"moment_dtype": "float16"})])
+
+
+def test_explain_shows_the_precision_options():
+    w = keras.Variable(np.ones([2]), dtype="bfloat16", name="w")
+    optimizer = keras_adamw.AdamW(
+        moment_dtype="float32",
+        kahan_summation=True,
+        sparse_updates="lazy",
+        skip_nonfinite=True,
+    )
+    (row,) = optimizer.explain([w])
+    assert (row.dtype, row.slot_dtype) == ("bfloat16", "float32")
+    assert row.kahan_summation and row.skip_nonfinite
+    assert row.sparse_updates == "lazy"
+    assert "kahan" in str(optimizer.explain([w])).splitlines()[0]
