@@ -100,7 +100,8 @@ class VariableRules:
             A `keras_adamw.explain.Explanation`: a list with one
             `explain.Row` per variable (path, shape, dtype, the rules that
             matched, effective learning rate, weight decay, betas, epsilon,
-            slot dtype, precision options and layout on a mesh); `print()` shows it as a table.
+            slot dtype, precision options and layout on a mesh);
+            `print()` shows it as a table.
 
         Raises:
             ValueError: If `var_list` is omitted before the optimizer is
