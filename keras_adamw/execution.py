@@ -5,6 +5,9 @@ step (`step.apply_step`, from `apply`), one variable's update
 (`step.update_one`, from `update_step`) and the EMA overwrite
 (`step.copy_averages`, from `finalize_variable_values`).
 
+- The fused CPU kernel when `keras_adamw.fused.use_kernel` says so (the
+  optimizer's `fused` argument): the function traced once as a graph
+  without XLA, whose per-variable update is one kernel call.
 - `jit_compile=True`: the function compiled by XLA, one program for all
   variables of a step. `jit_compile=False`: the same function op by op.
 - Without a `tf.distribute` strategy the program runs once on the
@@ -26,6 +29,8 @@ implements all of it.
 import warnings
 
 import tensorflow as tf
+
+from keras_adamw import fused as fused_lib
 
 # Strategies whose variables live away from the devices that compute.
 _REMOTE_VARIABLE_STRATEGIES = (
@@ -85,6 +90,7 @@ class Programs:
 
     def __init__(self):
         self._compiled = {}
+        self._graphs = {}
 
     def compiled(self, function):
         """`function` compiled with XLA (made once)."""
@@ -94,10 +100,34 @@ class Programs:
             )
         return self._compiled[function]
 
-    def run(self, function, jit_compile, *arguments, guards=()):
+    def graph(self, function):
+        """`function` as a `tf.function` without XLA (made once)."""
+        if function not in self._graphs:
+            self._graphs[function] = tf.function(function, autograph=False)
+        return self._graphs[function]
+
+    def run(self, function, jit_compile, *arguments, guards=(), fused=False):
         """Runs `function` (a step function of `keras_adamw.step`) on
-        `arguments` (gradients, indices, state, hyper, config) with XLA or
-        op by op, where the variables live; see `run`."""
+        `arguments` (gradients, indices, state, hyper, config) with the
+        fused kernel (as `fused` and `keras_adamw.fused` decide), with XLA
+        or op by op, where the variables live; see `run`."""
+        gradients, indices, state, hyper, config = arguments
+        if fused_lib.use_kernel(fused, function, state, config):
+            # The kernel's graph takes the place of the XLA program.
+            program = self.graph(function)
+            config = config._replace(fused=True)
+            run(
+                function,
+                program,
+                True,
+                gradients,
+                indices,
+                state,
+                hyper,
+                config,
+                guards=guards,
+            )
+            return
         compiled = self.compiled(function) if jit_compile else None
         run(function, compiled, jit_compile, *arguments, guards=guards)
 

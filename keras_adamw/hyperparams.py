@@ -46,7 +46,7 @@ Hyperparameter.__doc__ = """One row of the table.
   zero-argument callables (range-checked when evaluated);
 - `"number_or_none"`: a number or `None`; `"positive_or_none"`: a number
   `> 0` or `None`;
-- `"int_or_none"`: an int `>= low` or `None`; `"bool"`.
+- `"int_or_none"`: an int `>= low` or `None`; `"bool"`; `"bool_or_none"`.
 
 `in_step`: the step reads it as a scalar tensor. `structural`: it decides
 which slots exist, so it cannot change once the optimizer is built.
@@ -79,6 +79,7 @@ _ROWS = [
     ("gradient_accumulation_steps", "int_or_none", 2, None, False, None,
      False, True, True),
     ("jit_compile", "bool", None, None, False, True, False, False, False),
+    ("fused", "bool_or_none", None, None, False, None, False, False, False),
 ]
 # fmt: on
 TABLE = collections.OrderedDict(
@@ -119,6 +120,8 @@ def check(name, value):
         return validation.check_learning_rate(value)
     if kind == "bool":
         return validation.check_bool(name, value)
+    if kind == "bool_or_none":
+        return None if value is None else validation.check_bool(name, value)
     if kind == "int_or_none":
         return validation.check_positive_int_or_none(name, value, row.low)
     if value is None and kind in ("number_or_none", "positive_or_none"):

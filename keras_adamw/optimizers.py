@@ -87,6 +87,11 @@ class Adam(
             on this mesh.
         name: Name of the optimizer; defaults to `"adam"` (made unique as in
             Keras).
+        fused: Whether a step runs on the fused CPU kernel
+            (`keras_adamw.kernels`): `None` (the default) where it is
+            built and supported (CPU devices), else as `jit_compile` says;
+            `True` always (a `ValueError` says why it cannot); `False`
+            never. See `keras_adamw.fused`.
 
     Hyperparameters may be changed after construction (`opt.beta_1 = 0.8`);
     the new value is checked as the constructor checks it (see
@@ -119,6 +124,7 @@ class Adam(
         jit_compile=True,
         mesh=None,
         name=None,
+        fused=None,
         **kwargs,
     ):
         # Every check runs before the base class creates any variable.
@@ -369,6 +375,7 @@ class Adam(
             self._placement.place_scalars(hyper),
             self._step_config(),
             guards=guards,
+            fused=self.fused,
         )
 
     # ------------------------------------------------------------------
@@ -414,6 +421,7 @@ class AdamW(Adam):
         jit_compile=True,
         mesh=None,
         name=None,
+        fused=None,
         **kwargs,
     ):
         if weight_decay is None:

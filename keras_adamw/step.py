@@ -18,6 +18,7 @@ import collections
 import tensorflow as tf
 
 from keras_adamw import adam_math
+from keras_adamw import kernels
 
 State = collections.namedtuple(
     "State",
@@ -52,13 +53,17 @@ StepConfig = collections.namedtuple(
         "ema_overwrite_frequency",
         "decays",
         "constraints",
+        "fused",
     ],
+    defaults=(False,),
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
 A namedtuple of plain values, so a `tf.function` retraces exactly when one
 of them changes. `decays[i]` says whether variable `i` gets weight decay;
-`constraints[i]` is its constraint or `None`.
+`constraints[i]` is its constraint or `None`. `fused`: update the
+variables with the fused CPU kernel (`keras_adamw.kernels`), chosen by
+`keras_adamw.fused`.
 """
 
 
@@ -137,8 +142,15 @@ def real_step(gradients, indices, state, hyper, config):
         gradients, config.clipnorm, config.clipvalue, config.global_clipnorm
     )
     real_index = real_iterations(state.iterations, config)
-    for gradient, index in zip(gradients, indices):
-        update_variable(gradient, index, real_index + 1, state, hyper, config)
+    if config.fused:
+        update_variables_fused(
+            gradients, indices, real_index + 1, state, hyper, config
+        )
+    else:
+        for gradient, index in zip(gradients, indices):
+            update_variable(
+                gradient, index, real_index + 1, state, hyper, config
+            )
     if config.use_ema:
         update_moving_average(real_index, state, config)
 
@@ -169,6 +181,34 @@ def update_variable(gradient, index, step, state, hyper, config):
     _store(state.velocities[index], new.velocity)
     if velocity_hat is not None:
         _store(velocity_hat, new.velocity_hat)
+
+
+def update_variables_fused(gradients, indices, step, state, hyper, config):
+    """`update_variable` of every variable `indices` names, as one call of
+    the fused CPU kernel. Hyperparameters go in as one value per variable
+    (weight decay 0 where `config.decays` says none)."""
+    count = len(indices)
+    vectors = {
+        name: tf.fill([count], tf.cast(hyper[name], tf.float64))
+        for name in ("learning_rate", "beta_1", "beta_2", "epsilon")
+    }
+    decays = tf.constant([float(config.decays[i]) for i in indices])
+    vectors["weight_decay"] = tf.cast(decays, tf.float64) * tf.cast(
+        hyper.get("weight_decay", 0.0), tf.float64
+    )
+
+    def pick(variables):
+        return [variables[i] for i in indices] if config.amsgrad else []
+
+    kernels.apply_adam(
+        [state.variables[i] for i in indices],
+        [state.momentums[i] for i in indices],
+        [state.velocities[i] for i in indices],
+        pick(state.velocity_hats),
+        gradients,
+        vectors,
+        step,
+    )
 
 
 def update_moving_average(real_index, state, config):
