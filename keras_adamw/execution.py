@@ -91,6 +91,8 @@ class Programs:
     def __init__(self):
         self._compiled = {}
         self._graphs = {}
+        # What `fused.variables_reason` said of this optimizer's variables.
+        self._kernel_reasons = {}
 
     def compiled(self, function):
         """`function` compiled with XLA (made once)."""
@@ -100,7 +102,7 @@ class Programs:
             )
         return self._compiled[function]
 
-    def graph(self, function):
+    def traced(self, function):
         """`function` as a `tf.function` without XLA (made once)."""
         if function not in self._graphs:
             self._graphs[function] = tf.function(function, autograph=False)
@@ -112,9 +114,11 @@ class Programs:
         fused kernel (as `fused` and `keras_adamw.fused` decide), with XLA
         or op by op, where the variables live; see `run`."""
         gradients, indices, state, hyper, config = arguments
-        if fused_lib.use_kernel(fused, function, state, config):
+        if fused_lib.use_kernel(
+            fused, function, state, config, self._kernel_reasons
+        ):
             # The kernel's graph takes the place of the XLA program.
-            program = self.graph(function)
+            program = self.traced(function)
             config = config._replace(fused=True)
             run(
                 function,

@@ -69,12 +69,41 @@ def _in_xla_function():
     )
 
 
-def unsupported_reason(state, config):
+def variables_reason(state):
+    """Why the kernel cannot update the variables of `state` (their dtypes,
+    slots and devices), or `None`. Fixed once the optimizer is built, so
+    `keras_adamw.execution` keeps the answer."""
+    slot_lists = [state.momentums, state.velocities]
+    if state.velocity_hats is not None:
+        slot_lists.append(state.velocity_hats)
+    for position, variable in enumerate(state.variables):
+        name = variable.name
+        if variable.dtype not in _DTYPES:
+            return f"variable {name!r} has dtype {variable.dtype.name}"
+        for slots in slot_lists:
+            if slots[position].dtype != variable.dtype:
+                return (
+                    f"slot {slots[position].name!r} is "
+                    f"{slots[position].dtype.name}, its variable {name!r} "
+                    f"{variable.dtype.name}"
+                )
+        for copy in _local_variables(variable):
+            if _device_type(copy) != "CPU":
+                return (
+                    f"variable {name!r} is on {copy.device}; the kernel "
+                    "runs on CPU only"
+                )
+    return None
+
+
+def unsupported_reason(state, config, cache=None):
     """Why the kernel cannot run this step, or `None` if it can.
 
     Args:
         state: The step's `step.State`.
         config: The step's `step.StepConfig`.
+        cache: Optional dict keeping `variables_reason` per set of
+            variables (and strategy).
 
     Example:
 
@@ -100,31 +129,15 @@ def unsupported_reason(state, config):
             "the step is inside a function compiled by XLA "
             "(jit_compile=True), which cannot run the kernel"
         )
-    slot_lists = [state.momentums, state.velocities]
-    if state.velocity_hats is not None:
-        slot_lists.append(state.velocity_hats)
-    for position, variable in enumerate(state.variables):
-        name = variable.name
-        if variable.dtype not in _DTYPES:
-            return f"variable {name!r} has dtype {variable.dtype.name}"
-        for slots in slot_lists:
-            if slots[position].dtype != variable.dtype:
-                return (
-                    f"slot {slots[position].name!r} is "
-                    f"{slots[position].dtype.name}, its variable {name!r} "
-                    f"{variable.dtype.name}"
-                )
-        for copy in _local_variables(variable):
-            device_type = _device_type(copy)
-            if device_type != "CPU":
-                return (
-                    f"variable {name!r} is on {copy.device}; the kernel "
-                    "runs on CPU only"
-                )
-    return None
+    if cache is None:
+        return variables_reason(state)
+    key = (id(strategy), tuple(id(v) for v in state.variables))
+    if key not in cache:
+        cache[key] = variables_reason(state)
+    return cache[key]
 
 
-def use_kernel(fused, function, state, config):
+def use_kernel(fused, function, state, config, cache=None):
     """Whether `function` runs with the fused kernel this step.
 
     Args:
@@ -132,6 +145,7 @@ def use_kernel(fused, function, state, config):
         function: The step function (only `step.apply_step` can).
         state: The step's `step.State`.
         config: The step's `step.StepConfig`.
+        cache: See `unsupported_reason`.
 
     Raises:
         ValueError: `fused=True` and the kernel cannot run this step.
@@ -143,7 +157,7 @@ def use_kernel(fused, function, state, config):
     """
     if fused is False or function is not step.apply_step:
         return False
-    reason = unsupported_reason(state, config)
+    reason = unsupported_reason(state, config, cache)
     if reason is None:
         return True
     if fused:

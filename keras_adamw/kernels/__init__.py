@@ -20,6 +20,8 @@ pool (see its header). It is compiled against the TensorFlow that runs it:
   else `~/.cache/keras_adamw`, in a directory named by the TensorFlow
   version and a hash of the source, compiler flags and CPU (the build uses
   `-march=native`). A file lock makes concurrent processes build once.
+- `$KERAS_ADAMW_KERNEL_LIBRARY` names a library built otherwise (Bazel's
+  `//:adamw_op`), loaded as it is.
 - Without a compiler (`$CXX`, else `g++`) or TensorFlow's headers, or with
   `KERAS_ADAMW_FUSED_KERNEL=0`, nothing is built: `load()` returns `None`,
   one log line says why, and the optimizers use the XLA path.
@@ -149,6 +151,9 @@ def _build_and_load():
     if os.environ.get("KERAS_ADAMW_FUSED_KERNEL", "1") == "0":
         return None, "disabled by KERAS_ADAMW_FUSED_KERNEL=0"
     try:
+        prebuilt = os.environ.get("KERAS_ADAMW_KERNEL_LIBRARY")
+        if prebuilt:  # Built elsewhere (Bazel's :adamw_op).
+            return tf.load_op_library(os.path.abspath(prebuilt)), None
         directory = cache_directory()
         os.makedirs(directory, exist_ok=True)
         library = os.path.join(directory, "adamw_op.so")
