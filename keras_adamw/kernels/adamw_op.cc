@@ -271,7 +271,9 @@ class ApplyAdamOp : public OpKernel {
         OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensor->dtype(),
                                                tensor->shape(), &copy,
                                                attributes));
-        std::memcpy(copy.data(), tensor->data(), tensor->TotalBytes());
+        if (tensor->TotalBytes() > 0) {
+          std::memcpy(copy.data(), tensor->data(), tensor->TotalBytes());
+        }
         *tensor = copy;
       }
     }
