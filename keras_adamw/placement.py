@@ -116,6 +116,9 @@ class LocalPlacement:
     def check_variable(self, variable):
         del variable  # Any floating variable (checked by validation).
 
+    # Per variable on a step's first call: not for autograph (see
+    # execution.not_converted).
+    @tf.autograph.experimental.do_not_convert
     def place_gradient(self, gradient, variable):
         return adam_math.densify(
             gradient, adam_math.compute_dtype(variable.dtype)

@@ -40,6 +40,8 @@ class StepInputs:
         )
         return hyperparams.step_tensors(values, computed)
 
+    # Python over Python values: not for autograph (execution.not_converted).
+    @tf.autograph.experimental.do_not_convert
     def _state(self):
         """The variables a step reads and writes, as a `step.State`."""
 
@@ -68,6 +70,7 @@ class StepInputs:
             ),
         )
 
+    @tf.autograph.experimental.do_not_convert
     def _step_config(self):
         """The Python-level settings of a step, as a `step.StepConfig`."""
         variables = _keras_compat.built_variables(self)
