@@ -33,7 +33,6 @@ Example:
 True
 """
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -45,6 +44,11 @@ import tempfile
 import threading
 
 import tensorflow as tf
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the build is atomic anyway.
+    fcntl = None
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adamw_op.cc")
 # -O3 and -fno-math-errno let GCC vectorise the loop (sqrt without errno);
@@ -159,7 +163,8 @@ def _build_and_load():
         library = os.path.join(directory, "adamw_op.so")
         with open(os.path.join(directory, "lock"), "w") as lock:
             # One process builds; the others wait and load its library.
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(library):
                 reason = _build(library)
                 if reason is not None:
