@@ -122,15 +122,27 @@ FIVE_RULES = [
 ]
 
 
-def _keras_adamw(weights, grads, config, jit_compile, wrap, rules=None):
+def _keras_adamw(
+    weights, grads, config, jit_compile, wrap, rules=None, fused=False
+):
     try:
         import keras_adamw
     except ImportError as error:
         raise Skip(f"keras_adamw not importable: {error}")
     variables = _keras_variables(weights, config.dtype)
     gradients = _tf_grads(grads, config.dtype)
+    if fused:
+        from keras_adamw import kernels
+
+        reason = kernels.unavailable_reason()
+        if reason is not None:
+            raise Skip(f"the fused kernel is not available: {reason}")
+    # fused=False: the XLA (or op-by-op) path, whatever the default picks.
     optimizer = keras_adamw.AdamW(
-        **_keras_kwargs(config), jit_compile=jit_compile, variable_rules=rules
+        **_keras_kwargs(config),
+        jit_compile=jit_compile,
+        variable_rules=rules,
+        fused=fused,
     )
     optimizer.build(variables)
 
@@ -280,6 +292,14 @@ IMPLEMENTATIONS = {
     "keras_adamw_xla": (
         "keras_adamw.AdamW(jit_compile=True), eager `apply`",
         lambda w, g, c: _keras_adamw(w, g, c, True, wrap=False),
+    ),
+    "keras_adamw_fused_tf_function": (
+        "keras_adamw.AdamW(fused=True), the C++ CPU kernel, in tf.function",
+        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=True, fused=True),
+    ),
+    "keras_adamw_fused": (
+        "keras_adamw.AdamW(fused=True), the C++ CPU kernel, eager `apply`",
+        lambda w, g, c: _keras_adamw(w, g, c, False, wrap=False, fused=True),
     ),
     "keras_adamw_noxla": (
         "keras_adamw.AdamW(jit_compile=False), eager `apply`",

@@ -185,7 +185,11 @@ def part_report(shapes, results, dtype, per_parameter):
 def targets(timed, floor):
     """Lines checking keras_adamw against the project's speed targets."""
     lines = []
-    for ours in ("keras_adamw_xla_tf_function", "keras_adamw_xla"):
+    for ours in (
+        "keras_adamw_fused_tf_function",
+        "keras_adamw_xla_tf_function",
+        "keras_adamw_xla",
+    ):
         if ours not in timed:
             continue
         mine = timed[ours][1].median

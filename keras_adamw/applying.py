@@ -197,4 +197,5 @@ class ApplyGradients:
             self._placement.place_scalars(hyper),
             self._step_config(),
             guards=guards,
+            fused=self.fused,
         )

@@ -92,6 +92,9 @@ def check_gradient(gradient, variable):
         )
 
 
+# Python checks over Python values: autograph would convert them anew for
+# every variable on a step's first call (see execution.not_converted).
+@tf.autograph.experimental.do_not_convert
 def check_pairs(
     gradients, variables, *, placement, is_known=None, optimizer_name=""
 ):

@@ -50,7 +50,7 @@ Hyperparameter.__doc__ = """One row of the table.
 - `"positive_or_none"`: a number `> 0` or `None`;
 - `"decay"`: `None`, a number `>= low`, a `LearningRateSchedule` (called
   with the step counter) or a zero-argument callable;
-- `"int_or_none"`: an int `>= low` or `None`; `"bool"`;
+- `"int_or_none"`: an int `>= low` or `None`; `"bool"`; `"bool_or_none"`;
 - `"choice"`: one of the values in `low`;
 - `"rules"`: per-variable rules (see `keras_adamw.rules`).
 
@@ -95,6 +95,8 @@ _ROWS = [
     ("skip_nonfinite", "bool", None, None, False, False, False, True, False),
     ("sparse_updates", "choice", ("dense", "lazy"), None, False, "dense",
      False, False, False),
+    # The fused CPU kernel (see keras_adamw.fused): None = auto.
+    ("fused", "bool_or_none", None, None, False, None, False, False, False),
 ]
 # fmt: on
 TABLE = collections.OrderedDict(
@@ -143,6 +145,8 @@ def check(name, value):
             f"Argument `{name}` must be one of {list(row.low)}. "
             f"Received: {name}={value!r}"
         )
+    if kind == "bool_or_none":
+        return None if value is None else validation.check_bool(name, value)
     if kind == "int_or_none":
         return validation.check_positive_int_or_none(name, value, row.low)
     if kind == "rules":

@@ -100,6 +100,11 @@ class Adam(
         moment_dtype, kahan_summation, skip_nonfinite, sparse_updates:
             Precision and robustness options; see `keras_adamw.precision`,
             `keras_adamw.lazy_sparse` and the README.
+        fused: Whether a step runs on the fused CPU kernel
+            (`keras_adamw.kernels`): `None` (the default) where it is
+            built and supported (CPU devices), else as `jit_compile` says;
+            `True` always (a `ValueError` says why it cannot); `False`
+            never. See `keras_adamw.fused`.
 
     Hyperparameters may be changed after construction (`opt.beta_1 = 0.8`);
     the new value is checked as the constructor checks it (see
@@ -138,6 +143,7 @@ class Adam(
         kahan_summation=False,
         skip_nonfinite=False,
         sparse_updates="dense",
+        fused=None,
         **kwargs,
     ):
         # Every check runs before the base class creates any variable.

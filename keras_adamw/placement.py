@@ -132,6 +132,9 @@ class LocalPlacement:
     def check_variable(self, variable):
         del variable  # Any floating variable (checked by validation).
 
+    # Per variable on a step's first call: not for autograph (see
+    # execution.not_converted).
+    @tf.autograph.experimental.do_not_convert
     def place_gradient(self, gradient, variable, keep_rows=False):
         dtype = adam_math.compute_dtype(variable.dtype)
         if keep_rows and lazy_sparse.is_sparse(gradient):

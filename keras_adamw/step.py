@@ -18,6 +18,7 @@ import collections
 import tensorflow as tf
 
 from keras_adamw import adam_math
+from keras_adamw import kernels
 from keras_adamw import lazy_sparse
 from keras_adamw import precision
 
@@ -62,9 +63,10 @@ StepConfig = collections.namedtuple(
         "ema_first_step_copies",
         "kahan_summation",
         "skip_nonfinite",
+        "fused",
     ],
     # Fields added later have defaults, so older callers keep working.
-    defaults=(True, False, False),
+    defaults=(True, False, False, False),
 )
 StepConfig.__doc__ = """The Python-level settings of a step.
 
@@ -73,7 +75,9 @@ of them changes. `settings[i]` is variable `i`'s `rules.Settings` (its
 learning-rate multiplier and the constants its rules give);
 `constraints[i]` is its constraint or `None`. `ema_first_step_copies`:
 the first real step sets each average to its variable (Keras 3); `False`
-moves averages that start as copies made at build (tf_keras).
+moves averages that start as copies made at build (tf_keras). `fused`:
+update the variables with the fused CPU kernel (`keras_adamw.kernels`),
+chosen by `keras_adamw.fused`.
 """
 
 
@@ -178,8 +182,15 @@ def real_step(gradients, indices, state, hyper, config):
         gradients,
     )
     real_index = real_iterations(state.iterations, config)
-    for gradient, index in zip(gradients, indices):
-        update_variable(gradient, index, real_index + 1, state, hyper, config)
+    if config.fused:
+        update_variables_fused(
+            gradients, indices, real_index + 1, state, hyper, config
+        )
+    else:
+        for gradient, index in zip(gradients, indices):
+            update_variable(
+                gradient, index, real_index + 1, state, hyper, config
+            )
     if config.use_ema:
         update_moving_average(real_index, state, config)
 
@@ -259,6 +270,54 @@ def update_variable(gradient, index, step, state, hyper, config):
     store(state.velocities[index], new.velocity)
     if velocity_hat is not None:
         store(velocity_hat, new.velocity_hat)
+
+
+def update_variables_fused(gradients, indices, step, state, hyper, config):
+    """`update_variable` of every variable `indices` names, as one call of
+    the fused CPU kernel. Hyperparameters go in as one float64 value per
+    variable, after its rules (weight decay 0 for none)."""
+
+    def per_variable(name):
+        values = []
+        for index in indices:
+            override = getattr(config.settings[index], name)
+            values.append(
+                tf.cast(hyper[name], tf.float64)
+                if override is None
+                else tf.constant(override, tf.float64)
+            )
+        return tf.stack(values)
+
+    def _decay_or_zero(index):
+        decay = _weight_decay(config.settings[index], hyper, tf.float64)
+        return tf.constant(0.0, tf.float64) if decay is None else decay
+
+    learning_rate = tf.cast(hyper["learning_rate"], tf.float64)
+    vectors = {
+        "learning_rate": tf.stack(
+            [
+                learning_rate * config.settings[i].learning_rate_multiplier
+                for i in indices
+            ]
+        ),
+        "beta_1": per_variable("beta_1"),
+        "beta_2": per_variable("beta_2"),
+        "epsilon": per_variable("epsilon"),
+        "weight_decay": tf.stack([_decay_or_zero(i) for i in indices]),
+    }
+
+    def pick(variables):
+        return [variables[i] for i in indices] if config.amsgrad else []
+
+    kernels.apply_adam(
+        [state.variables[i] for i in indices],
+        [state.momentums[i] for i in indices],
+        [state.velocities[i] for i in indices],
+        pick(state.velocity_hats),
+        gradients,
+        vectors,
+        step,
+    )
 
 
 def update_moving_average(real_index, state, config):

@@ -51,6 +51,7 @@ class StepInputs:
         )
         return hyperparams.step_tensors(values, computed)
 
+    @tf.autograph.experimental.do_not_convert
     def _place_gradients(self, pairs):
         """The gradients of `(gradient, variable)` pairs where their
         variables live, dense, or with `sparse_updates="lazy"` (and no
@@ -62,6 +63,8 @@ class StepInputs:
             self._placement.place_gradient(g, v, keep_rows) for g, v in pairs
         ]
 
+    # Python over Python values: not for autograph (execution.not_converted).
+    @tf.autograph.experimental.do_not_convert
     def _state(self):
         """The variables a step reads and writes, as a `step.State`."""
 
@@ -94,6 +97,7 @@ class StepInputs:
             else validation.tf_variable(self.skipped_steps),
         )
 
+    @tf.autograph.experimental.do_not_convert
     def _step_config(self):
         """The Python-level settings of a step, as a `step.StepConfig`."""
         variables = _keras_compat.built_variables(self)

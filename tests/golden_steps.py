@@ -36,12 +36,15 @@ def _record(out, key, optimizer, variables):
 
 
 def dense_cases(out):
+    # fused=False: the XLA and op-by-op paths' numbers, recorded before the
+    # fused kernel existed (it agrees within float32 rounding, not bit for
+    # bit: tests/test_fused.py).
     init, grads = test_numerics.make_problem(seed=3)
     for class_name, (cls, _, _) in sorted(test_numerics.CLASSES.items()):
         for config, (kwargs, _) in sorted(test_numerics.CONFIGS.items()):
             for dtype in ("float32", "float64"):
                 for jit in (True, False):
-                    optimizer = cls(jit_compile=jit, **kwargs)
+                    optimizer = cls(jit_compile=jit, fused=False, **kwargs)
                     variables = [
                         keras.Variable(w, dtype=dtype, name=n)
                         for w, n in zip(init, test_numerics.NAMES)
@@ -66,7 +69,9 @@ def sparse_and_single_cases(out):
     init = rng.randn(6, 3)
     for dtype in ("float32", "float64"):
         for jit in (True, False):
-            optimizer = keras_adamw.AdamW(jit_compile=jit, amsgrad=True)
+            optimizer = keras_adamw.AdamW(
+                jit_compile=jit, amsgrad=True, fused=False
+            )
             table = keras.Variable(init, dtype=dtype, name="table")
             for _ in range(5):
                 grad = tf.IndexedSlices(

@@ -143,7 +143,8 @@ def test_optimizer_step_runs_and_reports_every_implementation():
             "--sweep_sizes=20k",
             "--sweep_variables=3",
             "--implementations=keras_adamw_xla_tf_function,keras_adamw_noxla,"
-            "keras,keras_xla,torch_fused,floor_xla",
+            "keras_adamw_fused_tf_function,keras,keras_xla,torch_fused,"
+            "floor_xla",
             "--repeats=2",
             "--warmup=1",
             "--steps_per_repeat=2",
@@ -155,6 +156,7 @@ def test_optimizer_step_runs_and_reports_every_implementation():
     for label in (
         "keras_adamw.AdamW(jit_compile=True), in tf.function",
         "keras_adamw.AdamW(jit_compile=False), eager `apply`",
+        "keras_adamw.AdamW(fused=True), the C++ CPU kernel, in tf.function",
         "keras.optimizers.AdamW, in tf.function (no XLA)",
         "keras.optimizers.AdamW, in tf.function(jit_compile=True)",
     ):
@@ -189,6 +191,7 @@ def test_optimizer_step_lists_implementations():
     out = run_script(["benchmarks/optimizer_step.py", "--list"], timeout=60)
     for name in (
         "keras_adamw_xla_tf_function",
+        "keras_adamw_fused_tf_function",
         "keras",
         "keras_xla",
         "tf_keras_xla_tf_function",

@@ -98,12 +98,15 @@ def test_aggregate_gradients_and_skip_aggregation(two_devices, mode):
     assert two_devices[f"skip/{mode}"]["max_difference"] < 1e-12
 
 
-def test_one_xla_program_per_device(two_devices, four_devices):
+def test_one_program_per_device(two_devices, four_devices):
     # Traced once per device (each has its own copies of the variables),
-    # not once per variable; without XLA nothing is traced.
+    # not once per variable: the XLA program with fused=False, the fused
+    # kernel's graph by default on CPU; without either nothing is traced.
     for results, devices in [(two_devices, 2), (four_devices, 4)]:
-        assert results["fit/everything"]["xla_traces"] == devices
+        assert results["fit/everything"]["kernel_traces"] == devices
+        assert results["fit/everything"]["xla_traces"] == 0
         assert results["custom_loop/plain"]["xla_traces"] == devices
+        assert results["custom_loop/plain"]["kernel_traces"] == 0
     assert two_devices["fit/everything_no_xla"]["xla_traces"] == 0
     assert two_devices["xla_vs_no_xla"]["max_difference"] < 1e-6
 

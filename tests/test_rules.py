@@ -91,11 +91,16 @@ SCHEDULE = keras.optimizers.schedules.ExponentialDecay(
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("decay_mode", ["lr_scaled", "independent"])
 @pytest.mark.parametrize(
-    "jit_compile,in_function,sparse",
-    [(True, True, True), (False, False, True), (True, False, False)],
+    "jit_compile,fused,in_function,sparse",
+    [
+        (True, False, True, True),  # XLA
+        (False, False, False, True),  # op by op
+        # The fused kernel where it runs ("lr_scaled"), else XLA.
+        (True, None, False, False),
+    ],
 )
 def test_rules_schedule_and_mode_equal_reference(
-    dtype, decay_mode, jit_compile, in_function, sparse
+    dtype, decay_mode, jit_compile, fused, in_function, sparse
 ):
     init, grads = make_problem()
     variables = make_variables(dtype, init)
@@ -105,6 +110,7 @@ def test_rules_schedule_and_mode_equal_reference(
         weight_decay_mode=decay_mode,
         variable_rules=RULES,
         jit_compile=jit_compile,
+        fused=fused,
     )
 
     def apply(gradients):
@@ -211,11 +217,12 @@ def test_callable_weight_decay_is_refused_by_get_config():
         optimizer.get_config()
 
 
-def test_rules_and_schedule_trace_the_xla_program_once():
+@pytest.mark.parametrize("fused", [False, True])
+def test_rules_and_schedule_trace_the_step_program_once(fused):
     init, grads = make_problem()
     variables = make_variables("float32", init)
     optimizer = keras_adamw.AdamW(
-        weight_decay=SCHEDULE, variable_rules=RULES * 2
+        weight_decay=SCHEDULE, variable_rules=RULES * 2, fused=fused
     )
 
     @tf.function
@@ -224,8 +231,10 @@ def test_rules_and_schedule_trace_the_xla_program_once():
 
     for step_grads in grads:
         apply(as_tensors(step_grads, "float32", True))
-    program = optimizer._programs.value.compiled(step_lib.apply_step)
-    assert program.experimental_get_tracing_count() == 1
+    # The XLA program, or the graph around the fused kernel.
+    programs = optimizer._programs.value
+    made = programs.traced if fused else programs.compiled
+    assert made(step_lib.apply_step).experimental_get_tracing_count() == 1
 
 
 def test_explain_before_build_and_after():

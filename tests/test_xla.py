@@ -1,4 +1,8 @@
-"""`jit_compile=True`: one XLA program updates all variables of a step."""
+"""`jit_compile=True`: one XLA program updates all variables of a step.
+
+The optimizers here say `fused=False`: on CPU the default (`fused=None`)
+runs the fused kernel instead (tests/test_fused.py).
+"""
 
 import re
 
@@ -20,7 +24,7 @@ def test_one_program_for_all_variables_traced_once():
         keras.Variable(np.full((3, i + 1), 1.0), dtype="float32", name=f"w{i}")
         for i in range(5)
     ]
-    optimizer = keras_adamw.AdamW(amsgrad=True)
+    optimizer = keras_adamw.AdamW(amsgrad=True, fused=False)
     grads = [tf.ones_like(v) for v in variables]
     for _ in range(6):
         optimizer.apply(grads, variables)
@@ -70,7 +74,7 @@ def fit_weights(optimizer, model_jit_compile):
 def test_fit_traces_the_program_once_with_or_without_model_xla(
     model_jit_compile,
 ):
-    optimizer = keras_adamw.AdamW(learning_rate=0.01)
+    optimizer = keras_adamw.AdamW(learning_rate=0.01, fused=False)
     ours = fit_weights(optimizer, model_jit_compile)
     assert optimizer.iterations.numpy() == 12
     assert xla_function(optimizer).experimental_get_tracing_count() == 1

@@ -118,7 +118,9 @@ FIT_CONFIGS = {
     "everything": EVERYTHING,
     "everything_no_xla": dict(EVERYTHING, jit_compile=False),
 }
-LOOP_CONFIGS = {"plain": {}, "everything": EVERYTHING}
+# "plain" runs the XLA program; the others the fused CPU kernel (fused=None
+# picks it on CPU devices), each device on its copies.
+LOOP_CONFIGS = {"plain": {"fused": False}, "everything": EVERYTHING}
 if not ARGS.full:
     FIT_CONFIGS = {"everything": EVERYTHING}
 
@@ -186,6 +188,9 @@ for name, config in FIT_CONFIGS.items():
         "xla_traces": optimizer._programs.value.compiled(
             step_lib.apply_step
         ).experimental_get_tracing_count(),
+        "kernel_traces": optimizer._programs.value.traced(
+            step_lib.apply_step
+        ).experimental_get_tracing_count(),
     }
 for name, config in LOOP_CONFIGS.items():
     distributed, optimizer = custom_loop(STRATEGY, config)
@@ -193,6 +198,9 @@ for name, config in LOOP_CONFIGS.items():
     RESULTS[f"custom_loop/{name}"] = {
         "max_difference": max_difference(distributed, single),
         "xla_traces": optimizer._programs.value.compiled(
+            step_lib.apply_step
+        ).experimental_get_tracing_count(),
+        "kernel_traces": optimizer._programs.value.traced(
             step_lib.apply_step
         ).experimental_get_tracing_count(),
     }

@@ -1,0 +1,324 @@
+// KerasAdamwApplyAdam: the whole Adam/AdamW update of many variables in one
+// TensorFlow op, one pass over each element, on TensorFlow's CPU thread pool.
+//
+// The formula and its order of operations are keras_adamw/adam_math.py's
+// (Keras 3's), so that float32 results agree with the XLA path to rounding:
+//
+//   alpha    = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+//   variable = variable - variable * weight_decay * lr   (weight_decay != 0)
+//   momentum = momentum + (gradient - momentum) * (1 - beta_1)
+//   velocity = velocity + (gradient^2 - velocity) * (1 - beta_2)
+//   velocity_hat = max(velocity_hat, velocity)            (amsgrad)
+//   variable = variable - (momentum * alpha) / (sqrt(velocity[_hat]) + eps)
+//
+// Half-precision variables (and their slots) are computed in float32 and
+// rounded once when stored; float32 in float32; float64 in float64. The
+// gradients come already in that compute dtype. Hyperparameters are float64
+// vectors with one entry per variable (so per-variable rules need no other
+// op), rounded to the compute dtype as the XLA path rounds them.
+//
+// Variables are locked as TensorFlow's own ResourceApply* kernels lock them
+// (every mutex, in address order, so two ops never deadlock) and updated
+// copy-on-write when a read still holds their buffer. Every check runs
+// before any element is written: the op changes everything or nothing.
+//
+// Build: see keras_adamw/kernels/__init__.py (g++ -O3 -fno-math-errno so the
+// loops vectorise; -ffp-contract=off so no multiply-add is fused, which would
+// round differently from the XLA path).
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace keras_adamw {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::Var;
+
+REGISTER_OP("KerasAdamwApplyAdam")
+    .Input("variables: N * resource")
+    .Input("momentums: N * resource")
+    .Input("velocities: N * resource")
+    .Input("velocity_hats: H * resource")
+    .Input("gradients: T")
+    .Input("learning_rate: double")
+    .Input("beta_1: double")
+    .Input("beta_2: double")
+    .Input("epsilon: double")
+    .Input("weight_decay: double")
+    .Input("step: int64")
+    .Attr("N: int >= 1")
+    .Attr("H: int >= 0")
+    .Attr("T: list({float, double})")
+    .SetIsStateful()
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext*) {
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Adam/AdamW update of N variables and their slots, in place.
+
+variables, momentums, velocities: N resource variables each, aligned.
+velocity_hats: N (amsgrad) or 0 resource variables.
+gradients: N dense gradients in each variable's compute dtype.
+learning_rate, beta_1, beta_2, epsilon, weight_decay: float64 vectors of
+  length N, one entry per variable; weight_decay 0 means no decay.
+step: the 1-based step t (int64 scalar).
+)doc");
+
+// One variable's share of the work.
+struct Job {
+  DataType dtype;
+  void* variable;
+  void* momentum;
+  void* velocity;
+  void* velocity_hat;  // nullptr without amsgrad.
+  const void* gradient;
+  double learning_rate, beta_1, beta_2, epsilon, weight_decay;
+};
+
+template <typename T, typename C, bool kDecay, bool kAmsgrad>
+void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  T* __restrict variable = static_cast<T*>(job.variable);
+  T* __restrict momentum = static_cast<T*>(job.momentum);
+  T* __restrict velocity = static_cast<T*>(job.velocity);
+  T* __restrict velocity_hat = static_cast<T*>(job.velocity_hat);
+  const C* __restrict gradient = static_cast<const C*>(job.gradient);
+  // The scalars as the XLA path computes them: rounded to C, then in C.
+  const C lr = static_cast<C>(job.learning_rate);
+  const C beta_1 = static_cast<C>(job.beta_1);
+  const C beta_2 = static_cast<C>(job.beta_2);
+  const C epsilon = static_cast<C>(job.epsilon);
+  const C weight_decay = static_cast<C>(job.weight_decay);
+  const C t = static_cast<C>(step);
+  const C alpha = lr * std::sqrt(C(1) - std::pow(beta_2, t)) /
+                  (C(1) - std::pow(beta_1, t));
+  const C one_minus_beta_1 = C(1) - beta_1;
+  const C one_minus_beta_2 = C(1) - beta_2;
+  for (int64_t k = begin; k < end; ++k) {
+    const C g = gradient[k];
+    C x = static_cast<C>(variable[k]);
+    if (kDecay) x = x - x * weight_decay * lr;
+    C m = static_cast<C>(momentum[k]);
+    m = m + (g - m) * one_minus_beta_1;
+    C v = static_cast<C>(velocity[k]);
+    v = v + (g * g - v) * one_minus_beta_2;
+    C denominator_velocity = v;
+    if (kAmsgrad) {
+      C h = static_cast<C>(velocity_hat[k]);
+      // tf.maximum's NaN propagation: NaN if either is NaN.
+      h = (h < v || v != v) ? v : h;
+      velocity_hat[k] = static_cast<T>(h);
+      denominator_velocity = h;
+    }
+    x = x - (m * alpha) / (std::sqrt(denominator_velocity) + epsilon);
+    variable[k] = static_cast<T>(x);
+    momentum[k] = static_cast<T>(m);
+    velocity[k] = static_cast<T>(v);
+  }
+}
+
+template <typename T, typename C>
+void UpdateTyped(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  const bool decay = job.weight_decay != 0.0;
+  const bool amsgrad = job.velocity_hat != nullptr;
+  if (decay && amsgrad) {
+    UpdateRange<T, C, true, true>(job, step, begin, end);
+  } else if (decay) {
+    UpdateRange<T, C, true, false>(job, step, begin, end);
+  } else if (amsgrad) {
+    UpdateRange<T, C, false, true>(job, step, begin, end);
+  } else {
+    UpdateRange<T, C, false, false>(job, step, begin, end);
+  }
+}
+
+void Update(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  switch (job.dtype) {
+    case tensorflow::DT_HALF:
+      return UpdateTyped<Eigen::half, float>(job, step, begin, end);
+    case tensorflow::DT_BFLOAT16:
+      return UpdateTyped<Eigen::bfloat16, float>(job, step, begin, end);
+    case tensorflow::DT_FLOAT:
+      return UpdateTyped<float, float>(job, step, begin, end);
+    default:
+      return UpdateTyped<double, double>(job, step, begin, end);
+  }
+}
+
+DataType ComputeDtype(DataType dtype) {
+  return dtype == tensorflow::DT_DOUBLE ? tensorflow::DT_DOUBLE
+                                        : tensorflow::DT_FLOAT;
+}
+
+// Holds the exclusive locks of a set of variables, taken in address order.
+class LockSet {
+ public:
+  explicit LockSet(std::vector<tensorflow::mutex*> mutexes)
+      : mutexes_(std::move(mutexes)) {
+    std::sort(mutexes_.begin(), mutexes_.end());
+    mutexes_.erase(std::unique(mutexes_.begin(), mutexes_.end()),
+                   mutexes_.end());
+    for (auto* mu : mutexes_) mu->lock();
+  }
+  ~LockSet() {
+    for (auto it = mutexes_.rbegin(); it != mutexes_.rend(); ++it) {
+      (*it)->unlock();
+    }
+  }
+
+ private:
+  std::vector<tensorflow::mutex*> mutexes_;
+};
+
+class ApplyAdamOp : public OpKernel {
+ public:
+  explicit ApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("H", &h_));
+    OP_REQUIRES(ctx, h_ == 0 || h_ == n_,
+                absl::InvalidArgumentError(
+                    "velocity_hats must be empty or one per variable"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int n = n_;
+    const int num_resources = 3 * n + h_;
+    std::vector<tensorflow::core::RefCountPtr<Var>> resources(num_resources);
+    std::vector<tensorflow::mutex*> mutexes;
+    for (int i = 0; i < num_resources; ++i) {
+      OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, i),
+                                         &resources[i]));
+      mutexes.push_back(resources[i]->mu());
+    }
+    const int first_hyper = num_resources + n;
+    std::vector<const double*> hypers;
+    for (int j = 0; j < 5; ++j) {
+      const Tensor& hyper = ctx->input(first_hyper + j);
+      OP_REQUIRES(ctx, hyper.dims() == 1 && hyper.dim_size(0) == n,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "hyperparameter input ", j, " must have shape [", n,
+                      "], got ", hyper.shape().DebugString())));
+      hypers.push_back(hyper.flat<double>().data());
+    }
+    const Tensor& step_tensor = ctx->input(first_hyper + 5);
+    OP_REQUIRES(ctx, step_tensor.dims() == 0,
+                absl::InvalidArgumentError("step must be a scalar"));
+    const int64_t step = step_tensor.scalar<int64_t>()();
+
+    LockSet locks(std::move(mutexes));
+    // Every check before any write.
+    for (int i = 0; i < n; ++i) {
+      const Tensor& variable = *resources[i]->tensor();
+      const DataType dtype = variable.dtype();
+      OP_REQUIRES(
+          ctx,
+          dtype == tensorflow::DT_HALF || dtype == tensorflow::DT_BFLOAT16 ||
+              dtype == tensorflow::DT_FLOAT || dtype == tensorflow::DT_DOUBLE,
+          absl::InvalidArgumentError(absl::StrCat(
+              "variable ", i, " has unsupported dtype ",
+              tensorflow::DataTypeString(dtype))));
+      for (int slot = 0; slot < (h_ ? 4 : 3); ++slot) {
+        Var* resource = resources[slot * n + i].get();
+        OP_REQUIRES(ctx, resource->is_initialized,
+                    absl::FailedPreconditionError(absl::StrCat(
+                        "input ", slot * n + i, " (variable ", i,
+                        ") is not initialized")));
+        const Tensor& tensor = *resource->tensor();
+        OP_REQUIRES(ctx,
+                    tensor.dtype() == dtype &&
+                        tensor.shape() == variable.shape(),
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "slot ", slot, " of variable ", i, " is ",
+                        tensorflow::DataTypeString(tensor.dtype()),
+                        tensor.shape().DebugString(), ", the variable ",
+                        tensorflow::DataTypeString(dtype),
+                        variable.shape().DebugString())));
+      }
+      const Tensor& gradient = ctx->input(num_resources + i);
+      OP_REQUIRES(ctx,
+                  gradient.dtype() == ComputeDtype(dtype) &&
+                      gradient.shape() == variable.shape(),
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "gradient ", i, " is ",
+                      tensorflow::DataTypeString(gradient.dtype()),
+                      gradient.shape().DebugString(), ", expected ",
+                      tensorflow::DataTypeString(ComputeDtype(dtype)),
+                      variable.shape().DebugString())));
+    }
+    // Copy-on-write: a read in flight keeps its buffer (as TensorFlow's
+    // PrepareToUpdateVariable does); the update writes to a fresh copy.
+    for (int i = 0; i < num_resources; ++i) {
+      Var* resource = resources[i].get();
+      Tensor* tensor = resource->tensor();
+      if (resource->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
+        Tensor copy;
+        tensorflow::AllocatorAttributes attributes;
+        attributes.set_gpu_compatible(true);
+        attributes.set_nic_compatible(true);
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensor->dtype(),
+                                               tensor->shape(), &copy,
+                                               attributes));
+        if (tensor->TotalBytes() > 0) {
+          std::memcpy(copy.data(), tensor->data(), tensor->TotalBytes());
+        }
+        *tensor = copy;
+      }
+    }
+    std::vector<Job> jobs(n);
+    std::vector<int64_t> starts(n + 1, 0);
+    for (int i = 0; i < n; ++i) {
+      Job& job = jobs[i];
+      job.dtype = resources[i]->tensor()->dtype();
+      job.variable = resources[i]->tensor()->data();
+      job.momentum = resources[n + i]->tensor()->data();
+      job.velocity = resources[2 * n + i]->tensor()->data();
+      job.velocity_hat = h_ ? resources[3 * n + i]->tensor()->data() : nullptr;
+      job.gradient = ctx->input(num_resources + i).data();
+      job.learning_rate = hypers[0][i];
+      job.beta_1 = hypers[1][i];
+      job.beta_2 = hypers[2][i];
+      job.epsilon = hypers[3][i];
+      job.weight_decay = hypers[4][i];
+      starts[i + 1] = starts[i] + resources[i]->tensor()->NumElements();
+    }
+    // One index space over all elements of all variables, cut into shards
+    // for the thread pool: small variables share a shard, big ones split.
+    auto work = [&jobs, &starts, step](int64_t begin, int64_t end) {
+      int i = std::upper_bound(starts.begin(), starts.end(), begin) -
+              starts.begin() - 1;
+      for (; i < static_cast<int>(jobs.size()) && starts[i] < end; ++i) {
+        const int64_t from = std::max(begin, starts[i]) - starts[i];
+        const int64_t to = std::min(end, starts[i + 1]) - starts[i];
+        if (from < to) Update(jobs[i], step, from, to);
+      }
+    };
+    const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
+    // About 30 bytes move per element; the cost is in cycles.
+    tensorflow::Shard(threads->num_threads, threads->workers, starts[n],
+                      /*cost_per_unit=*/20, work);
+  }
+
+ private:
+  int n_;
+  int h_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KerasAdamwApplyAdam")
+                            .Device(tensorflow::DEVICE_CPU),
+                        ApplyAdamOp);
+
+}  // namespace
+}  // namespace keras_adamw

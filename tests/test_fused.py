@@ -1,0 +1,388 @@
+"""The fused CPU kernel (`keras_adamw.kernels`) and its dispatch (`fused=`).
+
+Numbers: the kernel against the float64 NumPy reference (every dtype,
+amsgrad, weight decay with exclusions, sparse gradients with repeated
+indices, clipping) and against the XLA path of keras_adamw. Dispatch: what
+`fused=None/True/False` run, the errors of `fused=True`, the fallback when
+the kernel is not built, state moving between paths, MirroredStrategy.
+The rest of the suite runs on the kernel too (`fused=None` is the default
+and the kernel is built on CPU), which covers every other option.
+"""
+
+import logging
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_adamw
+from keras_adamw import kernels
+from keras_adamw import step
+from tests.reference import NumpyAdam
+from tests.reference import dense_from_sparse
+
+STEPS = 12
+SHAPES = [(6, 5), (5,), ()]
+NAMES = ["kernel", "bias", "scale"]
+NUMPY_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float16": np.float16,
+}
+# Largest difference from the reference, relative to the weight's size:
+# a few roundings of the stored dtype (README.md, "What is promised").
+REFERENCE_TOLERANCE = {
+    "float64": 1e-10,
+    "float32": 2e-5,
+    "bfloat16": 2 * 2.0**-7,
+    "float16": 2 * 2.0**-10,
+}
+SPARSE_IDS = [1, 2, 2, 5, 1, 1]  # Repeated ids, as an Embedding gives.
+CONFIGS = {
+    "adam": {},
+    "adamw_excluded_bias": {"weight_decay": 0.05},
+    "amsgrad": {"amsgrad": True, "weight_decay": 0.05},
+    "global_clipnorm": {"global_clipnorm": 0.5},
+    "clipvalue": {"clipvalue": 0.3},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    reason = kernels.unavailable_reason()
+    assert reason is None, f"the kernel must build here: {reason}"
+
+
+def make_problem(seed=1):
+    rng = np.random.RandomState(seed)
+    init = [rng.randn(*s) for s in SHAPES]
+    grads = [
+        [rng.randn(*s) * [0.1, 3.0, 1.0][t % 3] for s in SHAPES]
+        for t in range(STEPS)
+    ]
+    # The first variable gets a sparse gradient: rows of SPARSE_IDS.
+    rows = [rng.randn(len(SPARSE_IDS), SHAPES[0][1]) for _ in range(STEPS)]
+    return init, grads, rows
+
+
+def graph_op_types(optimizer):
+    """Op types of the graphs the optimizer ran without XLA."""
+    types = set()
+    for program in optimizer._programs.value._graphs.values():
+        for function in program._list_all_concrete_functions():
+            types |= {op.type for op in function.graph.get_operations()}
+    return types
+
+
+def uses_kernel(optimizer):
+    return "KerasAdamwApplyAdam" in graph_op_types(optimizer)
+
+
+def run(dtype, kwargs, fused, sparse=True, steps=STEPS, problem=None):
+    """Runs keras_adamw; returns (weights as float64, optimizer)."""
+    init, grads, rows = problem or make_problem()
+    variables = [
+        keras.Variable(w, dtype=dtype, name=n) for w, n in zip(init, NAMES)
+    ]
+    optimizer = keras_adamw.Adam(learning_rate=0.05, fused=fused, **kwargs)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    for t in range(steps):
+        gradients = [tf.constant(g, dtype=dtype) for g in grads[t]]
+        if sparse:
+            gradients[0] = tf.IndexedSlices(
+                tf.constant(rows[t], dtype=dtype),
+                tf.constant(SPARSE_IDS),
+                tf.constant(SHAPES[0]),
+            )
+        optimizer.apply(gradients, variables)
+    return [v.numpy().astype(np.float64) for v in variables], optimizer
+
+
+def reference(dtype, kwargs, sparse=True):
+    init, grads, rows = make_problem()
+    numpy_dtype = NUMPY_DTYPES[dtype]
+    ref = NumpyAdam(
+        init,
+        learning_rate=0.05,
+        decay_mask=[True, False, True],
+        dtype=None if dtype == "float64" else numpy_dtype,
+        **kwargs,
+    )
+    for t in range(STEPS):
+        # Gradients as the dtype holds them; a sparse one summed exactly.
+        step_grads = [
+            np.asarray(g, numpy_dtype).astype(np.float64) for g in grads[t]
+        ]
+        if sparse:
+            values = np.asarray(rows[t], numpy_dtype).astype(np.float64)
+            step_grads[0] = dense_from_sparse(SPARSE_IDS, values, SHAPES[0][0])
+        ref.step(step_grads)
+    return ref.weights
+
+
+def assert_close(actual, expected, tolerance):
+    for a, e, name in zip(actual, expected, NAMES):
+        atol = tolerance * max(1.0, float(np.max(np.abs(e))))
+        np.testing.assert_allclose(a, e, rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", sorted(NUMPY_DTYPES))
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_kernel_equals_float64_reference(dtype, config):
+    ours, optimizer = run(dtype, CONFIGS[config], fused=True)
+    assert uses_kernel(optimizer)
+    expected = reference(dtype, CONFIGS[config])
+    assert_close(ours, expected, REFERENCE_TOLERANCE[dtype])
+
+
+# The kernel computes in the XLA path's order and dtype: float32 agrees to
+# rounding (1e-6 relative), float64 to 1e-12; a half-precision value at
+# most one unit in the last place (XLA's pow may differ by one rounding).
+XLA_TOLERANCE = {
+    "float64": 1e-12,
+    "float32": 1e-6,
+    "bfloat16": 2.0**-7,
+    "float16": 2.0**-10,
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(NUMPY_DTYPES))
+@pytest.mark.parametrize("config", ["amsgrad", "global_clipnorm"])
+def test_kernel_equals_xla_path(dtype, config):
+    ours, _ = run(dtype, CONFIGS[config], fused=True)
+    theirs, optimizer = run(dtype, CONFIGS[config], fused=False)
+    assert not uses_kernel(optimizer)
+    assert optimizer._programs.value._compiled  # It ran the XLA program.
+    assert_close(ours, theirs, XLA_TOLERANCE[dtype])
+
+
+def test_kernel_in_a_tf_function_equals_eager():
+    init, grads, _ = make_problem()
+    results = []
+    for in_function in (False, True):
+        variables = [keras.Variable(w, dtype="float32") for w in init]
+        optimizer = keras_adamw.AdamW(learning_rate=0.05, fused=True)
+
+        def apply(gradients):
+            optimizer.apply(gradients, variables)
+
+        if in_function:
+            apply = tf.function(apply)
+        for t in range(4):
+            apply([tf.constant(g, tf.float32) for g in grads[t]])
+        results.append([v.numpy() for v in variables])
+    for eager, traced in zip(*results):
+        np.testing.assert_array_equal(eager, traced)
+
+
+def test_auto_uses_the_kernel_on_cpu_and_false_does_not():
+    _, auto = run("float32", {}, fused=None, steps=1)
+    _, off = run("float32", {}, fused=False, steps=1)
+    assert uses_kernel(auto)
+    assert not uses_kernel(off)
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_is_not_built(monkeypatch):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no g++")
+    ours, optimizer = run("float64", CONFIGS["amsgrad"], fused=None)
+    assert not uses_kernel(optimizer)
+    assert optimizer._programs.value._compiled
+    assert_close(ours, reference("float64", CONFIGS["amsgrad"]), 1e-10)
+
+
+def test_fused_true_without_the_kernel_raises_before_any_change(
+    monkeypatch,
+):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no g++")
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras_adamw.Adam(fused=True)
+    with pytest.raises(ValueError, match=r"fused=True.*not available.*g\+\+"):
+        optimizer.apply([tf.constant([1.0, 1.0])], [variable])
+    assert variable.numpy().tolist() == [1.0, 2.0]
+    assert int(optimizer.iterations) == 0
+
+
+def test_fused_true_inside_an_xla_function_raises():
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras_adamw.Adam(fused=True)
+    optimizer.build([variable])
+
+    @tf.function(jit_compile=True)
+    def apply():
+        optimizer.apply([tf.constant([1.0, 1.0])], [variable])
+
+    with pytest.raises(ValueError, match="compiled by XLA"):
+        apply()
+    assert variable.numpy().tolist() == [1.0, 2.0]
+
+
+def test_auto_inside_an_xla_function_runs_xla():
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = keras_adamw.Adam(learning_rate=0.5)
+    optimizer.build([variable])
+    tf.function(
+        lambda: optimizer.apply([tf.constant([1.0, -1.0])], [variable]),
+        jit_compile=True,
+    )()
+    assert not uses_kernel(optimizer)
+    # The first step moves each element by the learning rate (to epsilon).
+    np.testing.assert_allclose(variable.numpy(), [0.5, 2.5], atol=1e-5)
+
+
+def test_fused_argument_is_checked_and_in_the_config():
+    with pytest.raises(TypeError, match="fused"):
+        keras_adamw.Adam(fused="yes")
+    optimizer = keras_adamw.AdamW(fused=False)
+    assert optimizer.get_config()["fused"] is False
+    assert keras_adamw.AdamW.from_config(optimizer.get_config()).fused is False
+
+
+def test_state_moves_between_kernel_and_xla_paths():
+    # Six steps on the kernel then six on XLA (same slots), against twelve
+    # on XLA, and the other way round.
+    expected, _ = run("float32", CONFIGS["amsgrad"], fused=False)
+    init, grads, rows = make_problem()
+    for first, second in ((True, False), (False, True)):
+        variables = [
+            keras.Variable(w, dtype="float32", name=n)
+            for w, n in zip(init, NAMES)
+        ]
+        optimizer = keras_adamw.Adam(
+            learning_rate=0.05, fused=first, **CONFIGS["amsgrad"]
+        )
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+        for t in range(STEPS):
+            if t == STEPS // 2:
+                optimizer.fused = second
+            gradients = [tf.constant(g, tf.float32) for g in grads[t]]
+            gradients[0] = tf.convert_to_tensor(
+                tf.IndexedSlices(
+                    tf.constant(rows[t], tf.float32),
+                    tf.constant(SPARSE_IDS),
+                    tf.constant(SHAPES[0]),
+                )
+            )
+            optimizer.apply(gradients, variables)
+        assert uses_kernel(optimizer)
+        assert optimizer._programs.value._compiled
+        assert_close([v.numpy() for v in variables], expected, 1e-6)
+
+
+def test_a_read_in_flight_keeps_its_value():
+    # Copy-on-write, as TensorFlow's ResourceApply* kernels: a tensor read
+    # before the step still holds the old value after it.
+    variable = tf.Variable([1.0, 2.0, 3.0])
+    slots = [tf.Variable(tf.zeros([3])) for _ in range(2)]
+    before = tf.convert_to_tensor(variable)
+    kernels.apply_adam(
+        [variable],
+        [slots[0]],
+        [slots[1]],
+        [],
+        [tf.constant([1.0, 1.0, 1.0])],
+        {
+            name: tf.constant([value], tf.float64)
+            for name, value in [
+                ("learning_rate", 0.5),
+                ("beta_1", 0.9),
+                ("beta_2", 0.999),
+                ("epsilon", 0.0),
+                ("weight_decay", 0.0),
+            ]
+        },
+        tf.constant(1, tf.int64),
+    )
+    assert before.numpy().tolist() == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(variable.numpy(), [0.5, 1.5, 2.5], rtol=1e-6)
+
+
+def test_the_op_checks_shapes_before_any_write():
+    variables = [tf.Variable([1.0, 2.0]), tf.Variable([3.0])]
+    momentums = [tf.Variable([0.0, 0.0]), tf.Variable([0.0])]
+    velocities = [tf.Variable([0.0, 0.0]), tf.Variable([0.0])]
+    hyper = {
+        name: tf.constant([0.1, 0.1], tf.float64)
+        for name in (
+            "learning_rate",
+            "beta_1",
+            "beta_2",
+            "epsilon",
+            "weight_decay",
+        )
+    }
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gradient 1"):
+        kernels.apply_adam(
+            variables,
+            momentums,
+            velocities,
+            [],
+            [tf.constant([1.0, 1.0]), tf.constant([1.0, 1.0])],
+            hyper,
+            tf.constant(1, tf.int64),
+        )
+    assert variables[0].numpy().tolist() == [1.0, 2.0]
+    assert momentums[0].numpy().tolist() == [0.0, 0.0]
+
+
+def test_mirrored_strategy_runs_the_kernel_on_each_device():
+    init, grads, _ = make_problem()
+    expected, _ = run("float32", CONFIGS["amsgrad"], fused=False, sparse=False)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        variables = [
+            keras.Variable(w, dtype="float32", name=n)
+            for w, n in zip(init, NAMES)
+        ]
+        optimizer = keras_adamw.Adam(
+            learning_rate=0.05, fused=True, **CONFIGS["amsgrad"]
+        )
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+        optimizer.build(variables)
+
+    @tf.function
+    def train_step(gradients):
+        def replica_step(gradients):
+            # Half of the gradient on each replica: their sum is the whole.
+            optimizer.apply([g / 2 for g in gradients], variables)
+
+        strategy.run(replica_step, args=(gradients,))
+
+    for t in range(STEPS):
+        train_step([tf.constant(g, tf.float32) for g in grads[t]])
+    assert uses_kernel(optimizer)
+    for variable, want in zip(variables, expected):
+        copies = strategy.experimental_local_results(variable.value)
+        assert [c.device[-5:] for c in copies] == ["CPU:0", "CPU:1"]
+        for copy in copies:
+            np.testing.assert_allclose(copy.numpy(), want, atol=1e-5)
+
+
+def test_without_a_compiler_the_loader_says_why_once(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("KERAS_ADAMW_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("KERAS_ADAMW_KERNEL_LIBRARY", raising=False)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger="keras_adamw"):
+        assert kernels.load() is None
+        assert kernels.load() is None
+        reason = kernels.unavailable_reason()
+    assert "no C++ compiler" in reason
+    assert len(caplog.records) == 1
+    assert "XLA path" in caplog.records[0].getMessage()
+    # And a step still runs, on XLA.
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: reason)
+    _, optimizer = run("float32", {}, fused=None, steps=1)
+    assert not uses_kernel(optimizer)
+
+
+def test_step_function_is_unchanged_without_the_kernel():
+    # `fused` defaults to off in a StepConfig made without it.
+    required = len(step.StepConfig._fields) - len(
+        step.StepConfig._field_defaults
+    )
+    assert step.StepConfig(*([None] * required)).fused is False
