@@ -179,11 +179,12 @@ def test_two_processes_form_one_mesh_and_split_each_batch(runs):
 def test_two_clients_hold_identical_state(runs):
     client0, client1 = state(runs["client0"]), state(runs["client1"])
     # Weights, iteration, learning rate; momentum, velocity, velocity_hat
-    # and EMA average per weight.
-    assert len(client0) == NUM_WEIGHTS + 2 + 4 * NUM_WEIGHTS
+    # and EMA average per weight; skipped_steps.
+    assert len(client0) == NUM_WEIGHTS + 2 + 4 * NUM_WEIGHTS + 1
     assert sum(n.endswith("_velocity_hat") for n in client0) == NUM_WEIGHTS
     assert sum(n.endswith("_average") for n in client0) == NUM_WEIGHTS
-    assert int(client0["iteration"]) == STEPS
+    # One step (a NaN in client 1's rows only) was skipped by both.
+    assert int(client0["iteration"]) == STEPS - 1
     assert_same_state(client1, client0, 1e-6, "client 1 vs client 0")
     np.testing.assert_allclose(
         runs["client1"][0]["loss"],
@@ -191,6 +192,19 @@ def test_two_clients_hold_identical_state(runs):
         rtol=0,
         atol=1e-6,
     )
+
+
+def test_a_nan_in_one_clients_rows_is_skipped_by_every_client(runs):
+    # skip_nonfinite on a multi-client mesh: the NaN is in a row only
+    # client 1 feeds (pack), yet both clients skip that step and no other.
+    assert job.NONFINITE_ROW in range(8, 16)
+    for name in ("client0", "client1", "one_client", "core"):
+        arrays, _ = runs[name]
+        assert int(state(runs[name])["skipped_steps"]) == 1, name
+        assert np.isnan(arrays["loss"][job.NONFINITE_STEP]), name
+        assert np.all(np.isfinite(state(runs[name])["iteration"])), name
+    for name, value in state(runs["client0"]).items():
+        assert np.all(np.isfinite(value)), name
 
 
 def test_two_clients_equal_one_client_on_a_local_mesh(runs):

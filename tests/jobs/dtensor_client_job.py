@@ -53,7 +53,12 @@ GLOBAL_DEVICES = 4
 GLOBAL_BATCH = 16
 MESH_DIMS = [("batch", 2), ("model", 2)]
 U = dtensor.UNSHARDED
-OPTIMIZER_ARGS = dict(learning_rate=1e-2, amsgrad=True, use_ema=True)
+OPTIMIZER_ARGS = dict(
+    learning_rate=1e-2, amsgrad=True, use_ema=True, skip_nonfinite=True
+)
+# A NaN in one example of this step's batch, in the rows client 1 feeds:
+# every client must skip the step (skip_nonfinite).
+NONFINITE_STEP, NONFINITE_ROW = 1, 12
 
 _INIT_RNG = np.random.RandomState(0)
 INIT = {
@@ -70,6 +75,8 @@ def global_batches(steps):
     rng = np.random.RandomState(1)
     x = rng.randn(steps, GLOBAL_BATCH, 8).astype("float32")
     y = np.sin(x[:, :, :4] * 2.0).astype("float32")
+    if steps > NONFINITE_STEP:
+        x[NONFINITE_STEP, NONFINITE_ROW, 0] = np.nan
     return list(zip(x, y))
 
 
