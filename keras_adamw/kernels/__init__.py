@@ -166,6 +166,14 @@ def _build_and_load():
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(library):
+                # Once per TensorFlow version and machine: say why the
+                # first step pauses.
+                _logger.warning(
+                    "keras_adamw: building the fused CPU kernel for "
+                    "TensorFlow %s into %s (once; about 15 s).",
+                    tf.__version__,
+                    directory,
+                )
                 reason = _build(library)
                 if reason is not None:
                     return None, reason
