@@ -4,7 +4,8 @@ Numbers: the kernel against the float64 NumPy reference (every dtype,
 amsgrad, weight decay with exclusions, sparse gradients with repeated
 indices, clipping) and against the XLA path of keras_adamw. Dispatch: what
 `fused=None/True/False` run, the errors of `fused=True`, the fallback when
-the kernel is not built, state moving between paths, MirroredStrategy.
+the kernel is not built, state moving between paths (MirroredStrategy:
+tests/test_distribute.py).
 The rest of the suite runs on the kernel too (`fused=None` is the default
 and the kernel is built on CPU), which covers every other option.
 """
@@ -327,37 +328,11 @@ def test_the_op_checks_shapes_before_any_write():
     assert momentums[0].numpy().tolist() == [0.0, 0.0]
 
 
-def test_mirrored_strategy_runs_the_kernel_on_each_device():
-    init, grads, _ = make_problem()
-    expected, _ = run("float32", CONFIGS["amsgrad"], fused=False, sparse=False)
-    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
-    with strategy.scope():
-        variables = [
-            keras.Variable(w, dtype="float32", name=n)
-            for w, n in zip(init, NAMES)
-        ]
-        optimizer = keras_adamw.Adam(
-            learning_rate=0.05, fused=True, **CONFIGS["amsgrad"]
-        )
-        optimizer.exclude_from_weight_decay(var_names=["bias"])
-        optimizer.build(variables)
-
-    @tf.function
-    def train_step(gradients):
-        def replica_step(gradients):
-            # Half of the gradient on each replica: their sum is the whole.
-            optimizer.apply([g / 2 for g in gradients], variables)
-
-        strategy.run(replica_step, args=(gradients,))
-
-    for t in range(STEPS):
-        train_step([tf.constant(g, tf.float32) for g in grads[t]])
-    assert uses_kernel(optimizer)
-    for variable, want in zip(variables, expected):
-        copies = strategy.experimental_local_results(variable.value)
-        assert [c.device[-5:] for c in copies] == ["CPU:0", "CPU:1"]
-        for copy in copies:
-            np.testing.assert_allclose(copy.numpy(), want, atol=1e-5)
+# MirroredStrategy runs the kernel on each device's copies: checked in the
+# mirrored job's process (tests/test_distribute.py,
+# test_one_program_per_device and the fit cases against one device). In
+# this process a MirroredStrategy would share collective group keys with
+# the DTensor tests' mesh and break both.
 
 
 def test_without_a_compiler_the_loader_says_why_once(

@@ -70,12 +70,14 @@ INIT = {
 LAYOUTS = {"w1": [U, "model"], "b1": ["model"], "w2": ["model", U], "b2": [U]}
 
 
-def global_batches(steps):
-    """`steps` global batches (x, y) of GLOBAL_BATCH examples."""
+def global_batches(steps, with_nan=False):
+    """`steps` global batches (x, y) of GLOBAL_BATCH examples; with
+    `with_nan`, the batch `NONFINITE_STEP` holds a NaN in row
+    `NONFINITE_ROW`."""
     rng = np.random.RandomState(1)
     x = rng.randn(steps, GLOBAL_BATCH, 8).astype("float32")
     y = np.sin(x[:, :, :4] * 2.0).astype("float32")
-    if steps > NONFINITE_STEP:
+    if with_nan and steps > NONFINITE_STEP:
         x[NONFINITE_STEP, NONFINITE_ROW, 0] = np.nan
     return list(zip(x, y))
 
@@ -180,7 +182,7 @@ def train_on_mesh(mesh, steps, how="pack"):
         for k in INIT
     ]
     optimizer = keras_adamw.dtensor.AdamW(mesh, **OPTIMIZER_ARGS)
-    batches = global_batches(steps)
+    batches = global_batches(steps, with_nan=True)
     on_mesh = [
         (feed(x, batch_layout, how), feed(y, batch_layout, how))
         for x, y in batches
@@ -219,7 +221,10 @@ def train_core(steps):
     losses = train(
         weights,
         optimizer,
-        [(tf.constant(x), tf.constant(y)) for x, y in global_batches(steps)],
+        [
+            (tf.constant(x), tf.constant(y))
+            for x, y in global_batches(steps, with_nan=True)
+        ],
     )
     arrays = {f"weight_{i}": w.numpy() for i, w in enumerate(weights)}
     arrays.update(
