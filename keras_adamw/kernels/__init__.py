@@ -122,6 +122,14 @@ def _build(library):
     if not os.path.exists(header):
         return f"TensorFlow's C++ headers are missing ({header})"
     directory = os.path.dirname(library)
+    # Once per TensorFlow version and machine: say why the first step
+    # pauses.
+    _logger.warning(
+        "keras_adamw: building the fused CPU kernel for TensorFlow %s into "
+        "%s (once; about 15 s).",
+        tf.__version__,
+        directory,
+    )
     handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(handle)
     command = [
@@ -166,14 +174,6 @@ def _build_and_load():
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.exists(library):
-                # Once per TensorFlow version and machine: say why the
-                # first step pauses.
-                _logger.warning(
-                    "keras_adamw: building the fused CPU kernel for "
-                    "TensorFlow %s into %s (once; about 15 s).",
-                    tf.__version__,
-                    directory,
-                )
                 reason = _build(library)
                 if reason is not None:
                     return None, reason
