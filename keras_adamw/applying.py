@@ -187,7 +187,8 @@ class ApplyGradients:
     ):
         """Runs a step function on the optimizer's state (see
         `execution.Programs.run`), with XLA as `jit_compile` (default: the
-        optimizer's) says."""
+        optimizer's) says. Shared with `keras_adamw.tf_keras` (which has no
+        `fused` argument)."""
         self._programs.value.run(
             function,
             self.jit_compile if jit_compile is None else jit_compile,
@@ -197,5 +198,5 @@ class ApplyGradients:
             self._placement.place_scalars(hyper),
             self._step_config(),
             guards=guards,
-            fused=self.fused,
+            fused=getattr(self, "fused", False),
         )

@@ -306,13 +306,7 @@ def test_the_op_checks_shapes_before_any_write():
     velocities = [tf.Variable([0.0, 0.0]), tf.Variable([0.0])]
     hyper = {
         name: tf.constant([0.1, 0.1], tf.float64)
-        for name in (
-            "learning_rate",
-            "beta_1",
-            "beta_2",
-            "epsilon",
-            "weight_decay",
-        )
+        for name in kernels.HYPERPARAMETERS
     }
     with pytest.raises(tf.errors.InvalidArgumentError, match="gradient 1"):
         kernels.apply_adam(

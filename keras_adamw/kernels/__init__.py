@@ -68,6 +68,14 @@ FLAGS = (
 _BUILD_TIMEOUT_S = 600
 
 _logger = logging.getLogger("keras_adamw")
+# The op's per-variable hyperparameter vectors, in its input order.
+HYPERPARAMETERS = (
+    "learning_rate",
+    "beta_1",
+    "beta_2",
+    "epsilon",
+    "weight_decay",
+)
 _lock = threading.Lock()
 _loaded = {}  # "module" or "reason", once tried in this process.
 
@@ -233,15 +241,6 @@ def apply_adam(
     return load().keras_adamw_apply_adam(
         *handles,
         gradients,
-        *[
-            tf.cast(hyper[name], tf.float64)
-            for name in (
-                "learning_rate",
-                "beta_1",
-                "beta_2",
-                "epsilon",
-                "weight_decay",
-            )
-        ],
+        *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
     )

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from keras_adamw import applying
 from keras_adamw import call_checks
 from keras_adamw import execution
 from keras_adamw import hyperparams
@@ -295,19 +296,7 @@ class Adam(step_inputs.StepInputs, tf_keras.optimizers.Optimizer):
             indices = tuple(_compat.variable_index(self, v) for v in var_list)
             self._run(step.copy_averages, [], indices, {}, jit_compile=False)
 
-    def _run(
-        self, function, gradients, indices, hyper, guards=(), jit_compile=None
-    ):
-        self._programs.value.run(
-            function,
-            self.jit_compile if jit_compile is None else jit_compile,
-            gradients,
-            indices,
-            self._state(),
-            self._placement.place_scalars(hyper),
-            self._step_config(),
-            guards=guards,
-        )
+    _run = applying.ApplyGradients._run
 
     # ------------------------------------------------------------------
     # Configuration (state I/O: `step_inputs`).
