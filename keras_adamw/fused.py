@@ -36,9 +36,8 @@ Only the whole step (`step.apply_step`) uses the kernel; `update_step`
 """
 
 import tensorflow as tf
-from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
 
+from keras_adamw import _tf_compat
 from keras_adamw import kernels
 from keras_adamw import step
 
@@ -64,12 +63,6 @@ def _device_type(variable):
         # Placed by TensorFlow's default: a CPU unless a GPU is visible.
         return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
     return tf.DeviceSpec.from_string(device).device_type or "CPU"
-
-
-def _in_xla_function():
-    return control_flow_util.GraphOrParentsInXlaContext(
-        ops.get_default_graph()
-    )
 
 
 def variables_reason(state):
@@ -143,7 +136,7 @@ def unsupported_reason(state, config, cache=None, gradients=()):
     reason = config_reason(config, gradients)
     if reason is not None:
         return f"the fused kernel does not implement {reason}"
-    if _in_xla_function():
+    if _tf_compat.in_xla_context():
         return (
             "the step is inside a function compiled by XLA "
             "(jit_compile=True), which cannot run the kernel"

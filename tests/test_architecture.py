@@ -33,6 +33,7 @@ LAYERS = [
     {
         "adam_math",
         "_keras_compat",
+        "_tf_compat",
         "validation",
         "explain",
         "precision",
@@ -145,6 +146,23 @@ def test_tf_keras_private_names_are_only_in_its_compat_module():
     assert not offenders, offenders
 
 
+def test_private_tensorflow_modules_are_only_in_its_compat_module():
+    private = ("tensorflow.python", "tensorflow.dtensor.python")
+    offenders = [
+        f"{path.name}:{node.lineno}"
+        for path, node in syntax_nodes(ALL, skip={"_tf_compat.py"})
+        if any(n.startswith(private) for n in imported_names(node))
+    ]
+    assert not offenders, offenders
+    # The check sees such imports (also the ones inside functions).
+    compat = PACKAGE / "_tf_compat.py"
+    assert any(
+        n.startswith(private)
+        for _, node in syntax_nodes([compat])
+        for n in imported_names(node)
+    )
+
+
 def test_the_compat_module_names_the_checked_versions():
     low, high = _keras_compat.SUPPORTED_KERAS
     assert _keras_compat.CHECKED_KERAS_VERSIONS[-1] == keras.__version__ or (
@@ -160,9 +178,12 @@ def test_the_compat_module_names_the_checked_versions():
 
 def test_core_has_no_dtensor_branch_or_import():
     """`placement.placement_for` is the one place that picks local or mesh;
-    no other core module asks."""
+    no other core module asks. (`_tf_compat` holds TensorFlow's private
+    DTensor name for the `dtensor` subpackage, imported when called.)"""
     offenders = []
-    for path, node in syntax_nodes(CORE, skip=["placement.py"]):
+    for path, node in syntax_nodes(
+        CORE, skip=["placement.py", "_tf_compat.py"]
+    ):
         if any("dtensor" in n for n in imported_names(node)) and (
             path.name != "__init__.py"
         ):

@@ -17,20 +17,12 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from keras_adamw import _keras_compat
+from keras_adamw import _tf_compat
 from keras_adamw import adam_math
 from keras_adamw import placement
 from keras_adamw import validation
 
 COMBINE_FLAG = "DTENSOR_ENABLE_COMBINE_ALL_REDUCES_OPTIMIZATION"
-
-
-def _dtensor_device_started():
-    """Whether this process' DTensor device exists (TF's private
-    `dtensor.python.api._dtensor_singleton`; it starts at the first DTensor
-    operation, not at `create_mesh`)."""
-    from tensorflow.dtensor.python import api
-
-    return getattr(api, "_dtensor_singleton", None) is not None
 
 
 def turn_off_all_reduce_combining():
@@ -44,7 +36,7 @@ def turn_off_all_reduce_combining():
     to "0" here if the device has not started yet; a value other than "0",
     or a device started with the variable unset, raises a `ValueError`."""
     flag = os.environ.get(COMBINE_FLAG)
-    if flag is None and not _dtensor_device_started():
+    if flag is None and not _tf_compat.dtensor_device_started():
         os.environ[COMBINE_FLAG] = "0"
         return
     if flag != "0":
