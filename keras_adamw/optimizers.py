@@ -215,11 +215,14 @@ class Adam(
         super().build(var_list)
         self._momentums, self._velocities, self._velocity_hats = (
             slots.adam_slots(
-                self, var_list, self.amsgrad, self._moment_dtypes(var_list)
+                self,
+                var_list,
+                self.amsgrad,
+                # Each variable matched to its rules, once.
+                [self._moment_dtype(s) for s in self._variable_settings()],
             )
         )
         self._build_option_slots(var_list)
-        self._variable_settings()  # Each variable matched to its rules.
         slot_paths.check_restored_before_build(self)
 
 

@@ -14,6 +14,7 @@ copies), and on DTensor variables.
 """
 
 import collections
+import functools
 
 import tensorflow as tf
 
@@ -204,6 +205,17 @@ def _hyperparameter(name, settings, hyper, dtype):
     return tf.cast(hyper[name], dtype)
 
 
+def _learning_rate(settings, hyper, dtype):
+    """The learning rate of one variable, in its compute dtype: the step's,
+    times its rules' multiplier."""
+    learning_rate = tf.cast(hyper["learning_rate"], dtype)
+    if settings.learning_rate_multiplier != 1.0:
+        learning_rate = learning_rate * adam_math.as_scalar(
+            settings.learning_rate_multiplier, dtype
+        )
+    return learning_rate
+
+
 def _weight_decay(settings, hyper, dtype):
     """The weight decay of one variable, or `None` for none: its rules'
     constant (0.0 excludes it), else the optimizer's value if it has one."""
@@ -225,11 +237,7 @@ def update_variable(gradient, index, step, state, hyper, config):
     dtype = adam_math.compute_dtype(variable.dtype)
     settings = config.settings[index]
     velocity_hat = state.velocity_hats[index] if config.amsgrad else None
-    learning_rate = tf.cast(hyper["learning_rate"], dtype)
-    if settings.learning_rate_multiplier != 1.0:
-        learning_rate = learning_rate * adam_math.as_scalar(
-            settings.learning_rate_multiplier, dtype
-        )
+    learning_rate = _learning_rate(settings, hyper, dtype)
     read, store = _read, _store
     if lazy_sparse.is_sparse(gradient):
         rows, gradient = gradient.indices, gradient.values
@@ -276,35 +284,21 @@ def update_variables_fused(gradients, indices, step, state, hyper, config):
     """`update_variable` of every variable `indices` names, as one call of
     the fused CPU kernel. Hyperparameters go in as one float64 value per
     variable, after its rules (weight decay 0 for none)."""
+    settings = [config.settings[i] for i in indices]
 
-    def per_variable(name):
-        values = []
-        for index in indices:
-            override = getattr(config.settings[index], name)
-            values.append(
-                tf.cast(hyper[name], tf.float64)
-                if override is None
-                else tf.constant(override, tf.float64)
-            )
-        return tf.stack(values)
+    def per_variable(value):
+        return tf.stack([value(own, hyper, tf.float64) for own in settings])
 
-    def _decay_or_zero(index):
-        decay = _weight_decay(config.settings[index], hyper, tf.float64)
-        return tf.constant(0.0, tf.float64) if decay is None else decay
+    def weight_decay_or_zero(own, hyper, dtype):
+        decay = _weight_decay(own, hyper, dtype)
+        return tf.constant(0.0, dtype) if decay is None else decay
 
-    learning_rate = tf.cast(hyper["learning_rate"], tf.float64)
     vectors = {
-        "learning_rate": tf.stack(
-            [
-                learning_rate * config.settings[i].learning_rate_multiplier
-                for i in indices
-            ]
-        ),
-        "beta_1": per_variable("beta_1"),
-        "beta_2": per_variable("beta_2"),
-        "epsilon": per_variable("epsilon"),
-        "weight_decay": tf.stack([_decay_or_zero(i) for i in indices]),
+        "learning_rate": per_variable(_learning_rate),
+        "weight_decay": per_variable(weight_decay_or_zero),
     }
+    for name in ("beta_1", "beta_2", "epsilon"):
+        vectors[name] = per_variable(functools.partial(_hyperparameter, name))
 
     def pick(variables):
         return [variables[i] for i in indices] if config.amsgrad else []

@@ -64,14 +64,11 @@ class VariableRules:
         self._settings_cache = (key, settings)  # Immutable: not tracked.
         return settings
 
-    def _moment_dtypes(self, variables):
-        """The dtype of each variable's moments: its rules' `moment_dtype`,
-        else the optimizer's (`None`: the variable's own)."""
-        return [
-            rules.match(self.variable_rules, v)[0].moment_dtype
-            or self.moment_dtype
-            for v in variables
-        ]
+    def _moment_dtype(self, settings):
+        """The dtype of a variable's moments, given its `settings`: its
+        rules' `moment_dtype`, else the optimizer's (`None`: the variable's
+        own)."""
+        return settings.moment_dtype or self.moment_dtype
 
     def _current_weight_decay(self):
         """The optimizer's weight decay for the coming step, as a float (a
@@ -185,5 +182,6 @@ class VariableRules:
             index = _keras_compat.variable_index(self, variable)
             dtype = self._momentums[index].dtype
         else:
-            dtype = self._moment_dtypes([variable])[0] or variable.dtype
+            settings, _ = rules.match(self.variable_rules, variable)
+            dtype = self._moment_dtype(settings) or variable.dtype
         return keras.backend.standardize_dtype(dtype)
