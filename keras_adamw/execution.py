@@ -132,22 +132,22 @@ class Programs:
             fused, function, state, config, self._kernel_reasons, gradients
         ):
             # The kernel's graph takes the place of the XLA program.
-            program = self.traced(function)
+            program, use_program = self.traced(function), True
             config = config._replace(fused=True)
-            run(
-                function,
-                program,
-                True,
-                gradients,
-                indices,
-                state,
-                hyper,
-                config,
-                guards=guards,
-            )
-            return
-        compiled = self.compiled(function) if jit_compile else None
-        run(function, compiled, jit_compile, *arguments, guards=guards)
+        else:
+            program = self.compiled(function) if jit_compile else None
+            use_program = jit_compile
+        run(
+            function,
+            program,
+            use_program,
+            gradients,
+            indices,
+            state,
+            hyper,
+            config,
+            guards=guards,
+        )
 
 
 def _after_inputs(program, guards):
