@@ -32,3 +32,14 @@ def dtensor_device_started():
     from tensorflow.dtensor.python import api
 
     return getattr(api, "_dtensor_singleton", None) is not None
+
+
+def register_resource_resolver(resolver):
+    """Registers `resolver(op, reads, writes)` with `tf.function`'s
+    automatic control dependencies
+    (`auto_control_deps.register_acd_resource_resolver`): it may add
+    resources an op reads or writes without taking them as inputs, so that
+    other ops on them are ordered around it. Returns `resolver`."""
+    from tensorflow.python.framework import auto_control_deps
+
+    return auto_control_deps.register_acd_resource_resolver(resolver)

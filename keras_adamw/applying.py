@@ -18,6 +18,7 @@ import warnings
 
 from keras_adamw import _keras_compat
 from keras_adamw import call_checks
+from keras_adamw import execution
 from keras_adamw import step
 from keras_adamw import validation
 
@@ -53,6 +54,9 @@ class ApplyGradients:
         """
         self._apply(grads, trainable_variables, aggregate=True)
 
+    # Not converted by autograph, as Keras' own optimizers are not (it
+    # skips the `keras` package): the step's Python runs over Python values.
+    @execution.not_converted
     def _apply(self, grads, trainable_variables, aggregate):
         """`apply`, summing gradients across replicas first if `aggregate`.
 

@@ -6,8 +6,9 @@ step (`step.apply_step`, from `apply`), one variable's update
 (`step.copy_averages`, from `finalize_variable_values`).
 
 - The fused CPU kernel when `keras_adamw.fused.use_kernel` says so (the
-  optimizer's `fused` argument): the function traced once as a graph
-  without XLA, whose per-variable update is one kernel call.
+  optimizer's `fused` argument): the function without XLA, whose
+  per-variable update is one kernel call; traced once as a graph when
+  called eagerly, built into the caller's graph inside a `tf.function`.
 - `jit_compile=True`: the function compiled by XLA, one program for all
   variables of a step. `jit_compile=False`: the same function op by op.
 - Without a `tf.distribute` strategy the program runs once on the
@@ -131,8 +132,14 @@ class Programs:
         if fused_lib.use_kernel(
             fused, function, state, config, self._kernel_reasons, gradients
         ):
-            # The kernel's graph takes the place of the XLA program.
-            program, use_program = self.traced(function), True
+            # The kernel's graph takes the place of the XLA program: traced
+            # once when called eagerly; inside a caller's `tf.function`,
+            # built into the caller's graph, where a function of its own
+            # would take every variable and slot as an input again.
+            if tf.executing_eagerly():
+                program, use_program = self.traced(function), True
+            else:
+                program, use_program = None, False
             config = config._replace(fused=True)
         else:
             program = self.compiled(function) if jit_compile else None

@@ -14,7 +14,6 @@ copies), and on DTensor variables.
 """
 
 import collections
-import functools
 
 import tensorflow as tf
 
@@ -282,23 +281,35 @@ def update_variable(gradient, index, step, state, hyper, config):
 
 def update_variables_fused(gradients, indices, step, state, hyper, config):
     """`update_variable` of every variable `indices` names, as one call of
-    the fused CPU kernel. Hyperparameters go in as one float64 value per
-    variable, after its rules (weight decay 0 for none)."""
+    the fused CPU kernel. Each hyperparameter goes in as one float64 vector
+    (a few ops, however many variables): its rules' constant where one is
+    given, else the step's value; the learning rate as the step's scalar
+    and each variable's multiplier."""
     settings = [config.settings[i] for i in indices]
 
-    def per_variable(value):
-        return tf.stack([value(own, hyper, tf.float64) for own in settings])
-
-    def weight_decay_or_zero(own, hyper, dtype):
-        decay = _weight_decay(own, hyper, dtype)
-        return tf.constant(0.0, dtype) if decay is None else decay
+    def vector(name, default):
+        overrides = [getattr(own, name) for own in settings]
+        default = tf.cast(default, tf.float64)
+        if all(value is None for value in overrides):
+            return tf.fill([len(settings)], default)
+        return tf.where(
+            tf.constant([value is not None for value in overrides]),
+            tf.constant(
+                [0.0 if value is None else value for value in overrides],
+                tf.float64,
+            ),
+            default,
+        )
 
     vectors = {
-        "learning_rate": per_variable(_learning_rate),
-        "weight_decay": per_variable(weight_decay_or_zero),
+        "learning_rate_multiplier": tf.constant(
+            [own.learning_rate_multiplier for own in settings], tf.float64
+        ),
+        # A rule's 0.0 excludes a variable, as `_weight_decay` reads it.
+        "weight_decay": vector("weight_decay", hyper.get("weight_decay", 0.0)),
     }
     for name in ("beta_1", "beta_2", "epsilon"):
-        vectors[name] = per_variable(functools.partial(_hyperparameter, name))
+        vectors[name] = vector(name, hyper[name])
 
     def pick(variables):
         return [variables[i] for i in indices] if config.amsgrad else []
@@ -309,6 +320,7 @@ def update_variables_fused(gradients, indices, step, state, hyper, config):
         [state.velocities[i] for i in indices],
         pick(state.velocity_hats),
         gradients,
+        hyper["learning_rate"],
         vectors,
         step,
     )

@@ -30,10 +30,10 @@ ALL = sorted(PACKAGE.rglob("*.py"))
 # Lower layers never import higher ones. A module may import any module of
 # a lower layer (or its own layer where listed together below it).
 LAYERS = [
+    {"_tf_compat"},
     {
         "adam_math",
         "_keras_compat",
-        "_tf_compat",
         "validation",
         "explain",
         "precision",

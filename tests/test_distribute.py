@@ -99,9 +99,10 @@ def test_aggregate_gradients_and_skip_aggregation(two_devices, mode):
 
 
 def test_one_program_per_device(two_devices, four_devices):
-    # Traced once per device (each has its own copies of the variables),
-    # not once per variable: the XLA program with fused=False, the fused
-    # kernel's graph by default on CPU; without either nothing is traced.
+    # Once per device (each has its own copies of the variables), not once
+    # per variable: the XLA program traced with fused=False, the fused
+    # kernel's call built into the train step by default on CPU; without
+    # either nothing is traced.
     for results, devices in [(two_devices, 2), (four_devices, 4)]:
         assert results["fit/everything"]["kernel_traces"] == devices
         assert results["fit/everything"]["xla_traces"] == 0

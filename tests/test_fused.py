@@ -284,10 +284,11 @@ def test_a_read_in_flight_keeps_its_value():
         [slots[1]],
         [],
         [tf.constant([1.0, 1.0, 1.0])],
+        tf.constant(0.5, tf.float64),
         {
             name: tf.constant([value], tf.float64)
             for name, value in [
-                ("learning_rate", 0.5),
+                ("learning_rate_multiplier", 1.0),
                 ("beta_1", 0.9),
                 ("beta_2", 0.999),
                 ("epsilon", 0.0),
@@ -315,6 +316,7 @@ def test_the_op_checks_shapes_before_any_write():
             velocities,
             [],
             [tf.constant([1.0, 1.0]), tf.constant([1.0, 1.0])],
+            tf.constant(0.1, tf.float64),
             hyper,
             tf.constant(1, tf.int64),
         )

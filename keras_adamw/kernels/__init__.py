@@ -45,6 +45,8 @@ import threading
 
 import tensorflow as tf
 
+from keras_adamw.kernels import slot_group
+
 try:
     import fcntl
 except ImportError:  # Windows: no lock; the build is atomic anyway.
@@ -70,7 +72,7 @@ _BUILD_TIMEOUT_S = 600
 _logger = logging.getLogger("keras_adamw")
 # The op's per-variable hyperparameter vectors, in its input order.
 HYPERPARAMETERS = (
-    "learning_rate",
+    "learning_rate_multiplier",
     "beta_1",
     "beta_2",
     "epsilon",
@@ -219,6 +221,7 @@ def apply_adam(
     velocities,
     velocity_hats,
     gradients,
+    learning_rate,
     hyper,
     step,
 ):
@@ -229,18 +232,23 @@ def apply_adam(
             (slots of the variable's dtype).
         velocity_hats: Aligned list with amsgrad, else `[]`.
         gradients: Dense gradients in each variable's compute dtype.
-        hyper: Dict of float64 vectors, one entry per variable:
-            `learning_rate`, `beta_1`, `beta_2`, `epsilon` and
-            `weight_decay` (0 for none).
+        learning_rate: The step's learning rate, a scalar.
+        hyper: Dict of float64 vectors, one entry per variable (the
+            names in `HYPERPARAMETERS`): `learning_rate_multiplier`,
+            `beta_1`, `beta_2`, `epsilon` and `weight_decay` (0 for none).
         step: The 1-based step, an int64 scalar.
     """
-    handles = [
-        [v.handle for v in group]
-        for group in (variables, momentums, velocities, velocity_hats)
-    ]
-    return load().keras_adamw_apply_adam(
-        *handles,
+    module = load()
+    # The slots go in as one group (see `slot_group`): a step then takes
+    # about two inputs per variable (its handle and gradient), not four.
+    group = slot_group.slot_group(
+        module, [*momentums, *velocities, *velocity_hats]
+    )
+    return module.keras_adamw_apply_adam(
+        [v.handle for v in variables],
+        group,
         gradients,
+        tf.cast(learning_rate, tf.float64),
         *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
     )

@@ -13,9 +13,11 @@
 //
 // Half-precision variables (and their slots) are computed in float32 and
 // rounded once when stored; float32 in float32; float64 in float64. The
-// gradients come already in that compute dtype. Hyperparameters are float64
-// vectors with one entry per variable (so per-variable rules need no other
-// op), rounded to the compute dtype as the XLA path rounds them.
+// gradients come already in that compute dtype. The learning rate is the
+// step's scalar times a per-variable multiplier; the other hyperparameters
+// are float64 vectors with one entry per variable (so per-variable rules
+// need no other op); all are rounded to the compute dtype as the XLA path
+// rounds them.
 //
 // Variables are locked as TensorFlow's own ResourceApply* kernels lock them
 // (every mutex, in address order, so two ops never deadlock) and updated
@@ -48,20 +50,76 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::Var;
 
+// The slots (momentums, velocities and, with amsgrad, velocity hats) of a
+// set of variables, held together so that a step passes one handle for all
+// of them: a tf.function pays about 5 us per captured input on every call,
+// which for 2000 small variables was most of the step. The group holds a
+// reference to each slot's Var; a slot's value may be replaced (restore,
+// assign) as its Var stays the same.
+class SlotGroup : public tensorflow::ResourceBase {
+ public:
+  explicit SlotGroup(std::vector<tensorflow::core::RefCountPtr<Var>> slots)
+      : slots_(std::move(slots)) {}
+  std::string DebugString() const override {
+    return absl::StrCat("KerasAdamwSlotGroup of ", slots_.size(), " slots");
+  }
+  const std::vector<tensorflow::core::RefCountPtr<Var>>& slots() const {
+    return slots_;
+  }
+
+ private:
+  std::vector<tensorflow::core::RefCountPtr<Var>> slots_;
+};
+
+REGISTER_OP("KerasAdamwSlotGroup")
+    .Input("slots: M * resource")
+    .Output("group: resource")
+    .Attr("M: int >= 1")
+    .SetIsStateful()
+    .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
+    .Doc(R"doc(
+Groups M slot variables (momentums, then velocities, then velocity hats) for
+KerasAdamwApplyAdam. The handle owns the group; the group keeps the slots'
+variables alive.
+)doc");
+
+class SlotGroupOp : public OpKernel {
+ public:
+  explicit SlotGroupOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    std::vector<tensorflow::core::RefCountPtr<Var>> slots(ctx->num_inputs());
+    for (int i = 0; i < ctx->num_inputs(); ++i) {
+      OP_REQUIRES_OK(ctx,
+                     LookupResource(ctx, HandleFromInput(ctx, i), &slots[i]));
+    }
+    Tensor* handle;
+    tensorflow::AllocatorAttributes on_host;
+    on_host.set_on_host(true);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}),
+                                             &handle, on_host));
+    handle->scalar<tensorflow::ResourceHandle>()() =
+        tensorflow::ResourceHandle::MakeRefCountingHandle<SlotGroup>(
+            new SlotGroup(std::move(slots)), ctx->device()->name());
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("KerasAdamwSlotGroup")
+                            .Device(tensorflow::DEVICE_CPU),
+                        SlotGroupOp);
+
 REGISTER_OP("KerasAdamwApplyAdam")
     .Input("variables: N * resource")
-    .Input("momentums: N * resource")
-    .Input("velocities: N * resource")
-    .Input("velocity_hats: H * resource")
+    .Input("slots: resource")
     .Input("gradients: T")
     .Input("learning_rate: double")
+    .Input("learning_rate_multiplier: double")
     .Input("beta_1: double")
     .Input("beta_2: double")
     .Input("epsilon: double")
     .Input("weight_decay: double")
     .Input("step: int64")
     .Attr("N: int >= 1")
-    .Attr("H: int >= 0")
     .Attr("T: list({float, double})")
     .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext*) {
@@ -70,11 +128,14 @@ REGISTER_OP("KerasAdamwApplyAdam")
     .Doc(R"doc(
 Adam/AdamW update of N variables and their slots, in place.
 
-variables, momentums, velocities: N resource variables each, aligned.
-velocity_hats: N (amsgrad) or 0 resource variables.
+variables: N resource variables.
+slots: a KerasAdamwSlotGroup of their 2N slots (momentums, velocities) or,
+  with amsgrad, 3N (and velocity hats), aligned with the variables.
 gradients: N dense gradients in each variable's compute dtype.
-learning_rate, beta_1, beta_2, epsilon, weight_decay: float64 vectors of
-  length N, one entry per variable; weight_decay 0 means no decay.
+learning_rate: the step's learning rate (float64 scalar).
+learning_rate_multiplier, beta_1, beta_2, epsilon, weight_decay: float64
+  vectors of length N, one entry per variable; weight_decay 0 means no
+  decay.
 step: the 1-based step t (int64 scalar).
 )doc");
 
@@ -86,7 +147,8 @@ struct Job {
   void* velocity;
   void* velocity_hat;  // nullptr without amsgrad.
   const void* gradient;
-  double learning_rate, beta_1, beta_2, epsilon, weight_decay;
+  double learning_rate, learning_rate_multiplier;
+  double beta_1, beta_2, epsilon, weight_decay;
 };
 
 template <typename T, typename C, bool kDecay, bool kAmsgrad>
@@ -96,8 +158,12 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   T* __restrict velocity = static_cast<T*>(job.velocity);
   T* __restrict velocity_hat = static_cast<T*>(job.velocity_hat);
   const C* __restrict gradient = static_cast<const C*>(job.gradient);
-  // The scalars as the XLA path computes them: rounded to C, then in C.
-  const C lr = static_cast<C>(job.learning_rate);
+  // The scalars as the XLA path computes them: rounded to C, then in C
+  // (the multiplier only where it is not 1, as keras_adamw/step.py).
+  C lr = static_cast<C>(job.learning_rate);
+  if (job.learning_rate_multiplier != 1.0) {
+    lr = lr * static_cast<C>(job.learning_rate_multiplier);
+  }
   const C beta_1 = static_cast<C>(job.beta_1);
   const C beta_2 = static_cast<C>(job.beta_2);
   const C epsilon = static_cast<C>(job.epsilon);
@@ -187,25 +253,40 @@ class ApplyAdamOp : public OpKernel {
  public:
   explicit ApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("H", &h_));
-    OP_REQUIRES(ctx, h_ == 0 || h_ == n_,
-                absl::InvalidArgumentError(
-                    "velocity_hats must be empty or one per variable"));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const int n = n_;
-    const int num_resources = 3 * n + h_;
-    std::vector<tensorflow::core::RefCountPtr<Var>> resources(num_resources);
+    std::vector<tensorflow::core::RefCountPtr<Var>> variables(n);
+    for (int i = 0; i < n; ++i) {
+      OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, i),
+                                         &variables[i]));
+    }
+    tensorflow::core::RefCountPtr<SlotGroup> group;
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, n), &group));
+    const int num_slots = static_cast<int>(group->slots().size());
+    OP_REQUIRES(ctx, num_slots == 2 * n || num_slots == 3 * n,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "the slot group holds ", num_slots, " slots; ", n,
+                    " variables need ", 2 * n, " or, with amsgrad, ",
+                    3 * n)));
+    const bool amsgrad = num_slots == 3 * n;
+    // resources[slot * n + i]: slot 0 the variable i, 1 its momentum, 2 its
+    // velocity, 3 its velocity hat.
+    const int num_resources = n + num_slots;
+    std::vector<Var*> resources(num_resources);
     std::vector<tensorflow::mutex*> mutexes;
     for (int i = 0; i < num_resources; ++i) {
-      OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, i),
-                                         &resources[i]));
+      resources[i] = i < n ? variables[i].get() : group->slots()[i - n].get();
       mutexes.push_back(resources[i]->mu());
     }
-    const int first_hyper = num_resources + n;
+    const int first_gradient = n + 1;
+    const int first_hyper = first_gradient + n;
+    const Tensor& learning_rate = ctx->input(first_hyper);
+    OP_REQUIRES(ctx, learning_rate.dims() == 0,
+                absl::InvalidArgumentError("learning_rate must be a scalar"));
     std::vector<const double*> hypers;
-    for (int j = 0; j < 5; ++j) {
+    for (int j = 1; j < 6; ++j) {
       const Tensor& hyper = ctx->input(first_hyper + j);
       OP_REQUIRES(ctx, hyper.dims() == 1 && hyper.dim_size(0) == n,
                   absl::InvalidArgumentError(absl::StrCat(
@@ -213,7 +294,7 @@ class ApplyAdamOp : public OpKernel {
                       "], got ", hyper.shape().DebugString())));
       hypers.push_back(hyper.flat<double>().data());
     }
-    const Tensor& step_tensor = ctx->input(first_hyper + 5);
+    const Tensor& step_tensor = ctx->input(first_hyper + 6);
     OP_REQUIRES(ctx, step_tensor.dims() == 0,
                 absl::InvalidArgumentError("step must be a scalar"));
     const int64_t step = step_tensor.scalar<int64_t>()();
@@ -230,8 +311,8 @@ class ApplyAdamOp : public OpKernel {
           absl::InvalidArgumentError(absl::StrCat(
               "variable ", i, " has unsupported dtype ",
               tensorflow::DataTypeString(dtype))));
-      for (int slot = 0; slot < (h_ ? 4 : 3); ++slot) {
-        Var* resource = resources[slot * n + i].get();
+      for (int slot = 0; slot < (amsgrad ? 4 : 3); ++slot) {
+        Var* resource = resources[slot * n + i];
         OP_REQUIRES(ctx, resource->is_initialized,
                     absl::FailedPreconditionError(absl::StrCat(
                         "input ", slot * n + i, " (variable ", i,
@@ -247,7 +328,7 @@ class ApplyAdamOp : public OpKernel {
                         tensorflow::DataTypeString(dtype),
                         variable.shape().DebugString())));
       }
-      const Tensor& gradient = ctx->input(num_resources + i);
+      const Tensor& gradient = ctx->input(first_gradient + i);
       OP_REQUIRES(ctx,
                   gradient.dtype() == ComputeDtype(dtype) &&
                       gradient.shape() == variable.shape(),
@@ -261,7 +342,7 @@ class ApplyAdamOp : public OpKernel {
     // Copy-on-write: a read in flight keeps its buffer (as TensorFlow's
     // PrepareToUpdateVariable does); the update writes to a fresh copy.
     for (int i = 0; i < num_resources; ++i) {
-      Var* resource = resources[i].get();
+      Var* resource = resources[i];
       Tensor* tensor = resource->tensor();
       if (resource->copy_on_read_mode.load() || !tensor->RefCountIsOne()) {
         Tensor copy;
@@ -285,9 +366,11 @@ class ApplyAdamOp : public OpKernel {
       job.variable = resources[i]->tensor()->data();
       job.momentum = resources[n + i]->tensor()->data();
       job.velocity = resources[2 * n + i]->tensor()->data();
-      job.velocity_hat = h_ ? resources[3 * n + i]->tensor()->data() : nullptr;
-      job.gradient = ctx->input(num_resources + i).data();
-      job.learning_rate = hypers[0][i];
+      job.velocity_hat =
+          amsgrad ? resources[3 * n + i]->tensor()->data() : nullptr;
+      job.gradient = ctx->input(first_gradient + i).data();
+      job.learning_rate = learning_rate.scalar<double>()();
+      job.learning_rate_multiplier = hypers[0][i];
       job.beta_1 = hypers[1][i];
       job.beta_2 = hypers[2][i];
       job.epsilon = hypers[3][i];
@@ -313,7 +396,6 @@ class ApplyAdamOp : public OpKernel {
 
  private:
   int n_;
-  int h_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamwApplyAdam")

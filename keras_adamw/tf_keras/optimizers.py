@@ -211,6 +211,8 @@ class Adam(step_inputs.StepInputs, tf_keras.optimizers.Optimizer):
     # ------------------------------------------------------------------
     # Applying gradients.
 
+    # Not converted by autograph (as tf_keras' own optimizers are not).
+    @execution.not_converted
     def apply_gradients(
         self,
         grads_and_vars,
