@@ -62,7 +62,9 @@ def test_a_step_in_a_function_captures_no_slot():
     # variables, the group and a few scalars (step counter, learning rate),
     # not each variable's momentum and velocity.
     count = 40
-    variables = [keras.Variable(np.ones([3], np.float32)) for _ in range(count)]
+    variables = [
+        keras.Variable(np.ones([3], np.float32)) for _ in range(count)
+    ]
     optimizer = keras_adamw.AdamW(fused=True)
     optimizer.build(variables)
 
