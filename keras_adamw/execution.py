@@ -172,6 +172,10 @@ def _after_inputs(program, guards):
         waits = [
             t for t in tf.nest.flatten((gradients, hyper)) if tf.is_tensor(t)
         ] + [g for g in guards if g is not None]
+        if waits and not tf.executing_eagerly():
+            # One op waits for them all; each op of the step then waits for
+            # it alone (not for every gradient: thousands of edges each).
+            waits = [tf.group(*waits)]
         with tf.control_dependencies(waits):
             return program(gradients, indices, state, hyper, config)
 
