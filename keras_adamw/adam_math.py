@@ -138,6 +138,17 @@ def decay_weights(variable, learning_rate, weight_decay, mode="lr_scaled"):
     return variable - variable * weight_decay * learning_rate
 
 
+def move_toward(average, target, rate):
+    """Returns `average + (target - average) * rate`: a moment's step.
+
+    Example:
+
+    >>> float(move_toward(tf.constant(0.0), tf.constant(1.0), 0.1))
+    0.1...
+    """
+    return average + (target - average) * rate
+
+
 def update_momentum(momentum, gradient, beta_1):
     """Returns the first moment after one step: `m + (g - m)(1 - beta_1)`.
 
@@ -146,7 +157,7 @@ def update_momentum(momentum, gradient, beta_1):
     >>> float(update_momentum(tf.constant(0.0), tf.constant(1.0), 0.9))
     0.1...
     """
-    return momentum + (gradient - momentum) * (1 - beta_1)
+    return move_toward(momentum, gradient, 1 - beta_1)
 
 
 def update_velocity(velocity, gradient, beta_2):
@@ -157,7 +168,7 @@ def update_velocity(velocity, gradient, beta_2):
     >>> float(update_velocity(tf.constant(0.0), tf.constant(2.0), 0.5))
     2.0
     """
-    return velocity + (tf.square(gradient) - velocity) * (1 - beta_2)
+    return move_toward(velocity, tf.square(gradient), 1 - beta_2)
 
 
 def adam_delta(momentum, velocity, alpha, epsilon):
@@ -169,6 +180,51 @@ def adam_delta(momentum, velocity, alpha, epsilon):
     0.25
     """
     return (momentum * alpha) / (tf.sqrt(velocity) + epsilon)
+
+
+Coefficients = collections.namedtuple(
+    "Coefficients",
+    [
+        "learning_rate",
+        "alpha",
+        "momentum_rate",
+        "velocity_rate",
+        "epsilon",
+        "weight_decay",
+    ],
+)
+Coefficients.__doc__ = """The scalars of one step, shared by every variable
+with the same hyperparameters and dtype (see `coefficients`).
+
+`alpha` is `step_size`; `momentum_rate` is `1 - beta_1`, `velocity_rate`
+`1 - beta_2`; `weight_decay` is `None` for none.
+"""
+
+
+def coefficients(
+    *, learning_rate, beta_1, beta_2, epsilon, step, weight_decay=None
+):
+    """The scalars of one step (a `Coefficients`), computed once for all
+    variables that share them: a step of many variables then builds the
+    bias correction once, not once per variable.
+
+    Args: as `adam_update`.
+
+    Example:
+
+    >>> c = coefficients(learning_rate=1.0, beta_1=0.9, beta_2=0.999,
+    ...                  epsilon=1e-7, step=1.0)
+    >>> round(float(c.alpha), 5), round(float(c.momentum_rate), 5)
+    (0.31623, 0.1)
+    """
+    return Coefficients(
+        learning_rate=learning_rate,
+        alpha=step_size(learning_rate, beta_1, beta_2, step),
+        momentum_rate=1 - beta_1,
+        velocity_rate=1 - beta_2,
+        epsilon=epsilon,
+        weight_decay=weight_decay,
+    )
 
 
 def adam_update(
@@ -218,21 +274,67 @@ def adam_update(
     >>> round(float(state.variable), 6)  # The first step moves by lr.
     0.9
     """
-    alpha = step_size(learning_rate, beta_1, beta_2, step)
-    if weight_decay is not None:
+    return update_with(
+        variable,
+        gradient,
+        momentum,
+        velocity,
+        velocity_hat,
+        coefficients(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            step=step,
+            weight_decay=weight_decay,
+        ),
+        weight_decay_mode,
+    )
+
+
+def update_with(
+    variable,
+    gradient,
+    momentum,
+    velocity,
+    velocity_hat,
+    coefficients,
+    weight_decay_mode="lr_scaled",
+):
+    """`adam_update` with the step's scalars already computed (a
+    `Coefficients`); the same operations in the same order.
+
+    Example:
+
+    >>> c = coefficients(learning_rate=0.1, beta_1=0.9, beta_2=0.999,
+    ...                  epsilon=0.0, step=1.0)
+    >>> state = update_with(tf.constant(1.0), tf.constant(0.5),
+    ...                     tf.constant(0.0), tf.constant(0.0), None, c)
+    >>> round(float(state.variable), 6)
+    0.9
+    """
+    if coefficients.weight_decay is not None:
         variable = decay_weights(
-            variable, learning_rate, weight_decay, weight_decay_mode
+            variable,
+            coefficients.learning_rate,
+            coefficients.weight_decay,
+            weight_decay_mode,
         )
-    momentum = update_momentum(momentum, gradient, beta_1)
-    velocity = update_velocity(velocity, gradient, beta_2)
+    momentum = move_toward(momentum, gradient, coefficients.momentum_rate)
+    velocity = move_toward(
+        velocity, tf.square(gradient), coefficients.velocity_rate
+    )
     denominator_velocity = velocity
     if velocity_hat is not None:
         velocity_hat = tf.maximum(velocity_hat, velocity)
         denominator_velocity = velocity_hat
-    variable = variable - adam_delta(
-        momentum, denominator_velocity, alpha, epsilon
+    delta = adam_delta(
+        momentum,
+        denominator_velocity,
+        coefficients.alpha,
+        coefficients.epsilon,
     )
-    return AdamState(variable, momentum, velocity, velocity_hat)
+    return AdamState(variable - delta, momentum, velocity, velocity_hat)
 
 
 def clip_by_norm(gradient, clipnorm):

@@ -187,9 +187,10 @@ def real_step(gradients, indices, state, hyper, config):
             gradients, indices, real_index + 1, state, hyper, config
         )
     else:
+        cache = {}
         for gradient, index in zip(gradients, indices):
             update_variable(
-                gradient, index, real_index + 1, state, hyper, config
+                gradient, index, real_index + 1, state, hyper, config, cache
             )
     if config.use_ema:
         update_moving_average(real_index, state, config)
@@ -227,16 +228,33 @@ def _weight_decay(settings, hyper, dtype):
     return None
 
 
-def update_variable(gradient, index, step, state, hyper, config):
-    """Applies `adam_math.adam_update` to variable `index` and its slots,
-    with the hyperparameters its rules give (only to the rows of a sparse
-    `gradient`, see `lazy_sparse`), storing the weight with its
-    compensation under `kahan_summation`."""
+def _coefficients(settings, hyper, dtype, step, cache):
+    """The step's scalars (`adam_math.Coefficients`) for a variable of
+    compute `dtype` whose rules give `settings`: built once per step for
+    all variables that share them (`cache`), which keeps the graph of a
+    step over thousands of variables small to trace and compile."""
+    key = (dtype, settings)
+    if key not in cache:
+        cache[key] = adam_math.coefficients(
+            learning_rate=_learning_rate(settings, hyper, dtype),
+            beta_1=_hyperparameter("beta_1", settings, hyper, dtype),
+            beta_2=_hyperparameter("beta_2", settings, hyper, dtype),
+            epsilon=_hyperparameter("epsilon", settings, hyper, dtype),
+            step=tf.cast(step, dtype),
+            weight_decay=_weight_decay(settings, hyper, dtype),
+        )
+    return cache[key]
+
+
+def update_variable(gradient, index, step, state, hyper, config, cache=None):
+    """Applies the Adam/AdamW update (`adam_math.update_with`) to variable
+    `index` and its slots, with the hyperparameters its rules give (only to
+    the rows of a sparse `gradient`, see `lazy_sparse`), storing the weight
+    with its compensation under `kahan_summation`. `cache`: a dict shared
+    by the variables of one step (see `_coefficients`)."""
     variable = state.variables[index]
     dtype = adam_math.compute_dtype(variable.dtype)
-    settings = config.settings[index]
     velocity_hat = state.velocity_hats[index] if config.amsgrad else None
-    learning_rate = _learning_rate(settings, hyper, dtype)
     read, store = _read, _store
     if lazy_sparse.is_sparse(gradient):
         rows, gradient = gradient.indices, gradient.values
@@ -251,19 +269,20 @@ def update_variable(gradient, index, step, state, hyper, config):
     if config.kahan_summation:
         compensation = state.compensations[index]
         value = precision.compensated(value, read(compensation, dtype))
-    new = adam_math.adam_update(
+    new = adam_math.update_with(
         value,
         tf.cast(gradient, dtype),
         read(state.momentums[index], dtype),
         read(state.velocities[index], dtype),
         None if velocity_hat is None else read(velocity_hat, dtype),
-        learning_rate=learning_rate,
-        beta_1=_hyperparameter("beta_1", settings, hyper, dtype),
-        beta_2=_hyperparameter("beta_2", settings, hyper, dtype),
-        epsilon=_hyperparameter("epsilon", settings, hyper, dtype),
-        step=tf.cast(step, dtype),
-        weight_decay=_weight_decay(settings, hyper, dtype),
-        weight_decay_mode=config.weight_decay_mode,
+        _coefficients(
+            config.settings[index],
+            hyper,
+            dtype,
+            step,
+            {} if cache is None else cache,
+        ),
+        config.weight_decay_mode,
     )
     if config.kahan_summation:
         weight, rest = precision.split_compensated(

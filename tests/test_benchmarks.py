@@ -202,12 +202,13 @@ def test_optimizer_step_lists_implementations():
         assert re.search(rf"^{name} ", out, re.M), name
 
 
-def test_fit_epoch_runs_both_optimizers():
+def test_fit_epoch_runs_both_models_and_optimizers():
     out = run_script(
         [
             "benchmarks/fit_epoch.py",
             "--configs=single",
-            "--epochs=2",
+            "--optimizers=keras_adamw,keras_adamw_xla,keras",
+            "--epochs=3",
             "--examples=64",
             "--batch_size=16",
             "--seq_len=8",
@@ -216,27 +217,37 @@ def test_fit_epoch_runs_both_optimizers():
             "--heads=2",
             "--ff=32",
             "--blocks=1",
+            "--resnet_blocks=1",
+            "--resnet_width=4",
         ],
-        timeout=300,
+        timeout=400,
     )
-    rows = [
-        line
-        for line in out.splitlines()
-        if line.startswith("| one CPU device |")
-    ]
-    assert [row.split(" | ")[1] for row in rows] == [
-        "keras_adamw.AdamW",
-        "keras.optimizers.AdamW",
-    ]
     assert "failed" not in out
-    # Both train: the loss falls from the first epoch to the last. (They
-    # need not agree: the token embedding's gradient repeats ids, which
-    # Keras 3 handles wrongly; see tests/test_keras_defects.py.)
-    for row in rows:
-        first_epoch_loss, final_loss = (
-            float(row.split(" | ")[i]) for i in (6, 7)
-        )
-        assert final_loss < first_epoch_loss, row
+    tables = out.split("## ")[1:]
+    assert [table.splitlines()[0] for table in tables] == [
+        "transformer",
+        "ResNet-like",
+    ]
+    for table in tables:
+        rows = [
+            line
+            for line in table.splitlines()
+            if line.startswith("| one CPU device |")
+        ]
+        assert [row.split(" | ")[1] for row in rows] == [
+            "keras_adamw.AdamW (fused kernel)",
+            "keras_adamw.AdamW(fused=False) (XLA)",
+            "keras.optimizers.AdamW",
+        ]
+        # All train: the loss falls from the first epoch to the last.
+        # (They need not agree: the token embedding's gradient repeats
+        # ids, which Keras 3 handles wrongly; see
+        # tests/test_keras_defects.py.)
+        for row in rows:
+            first_epoch_loss, final_loss = (
+                float(row.split(" | ")[i]) for i in (6, 7)
+            )
+            assert final_loss < first_epoch_loss, row
 
 
 def state_bytes_per_parameter(
