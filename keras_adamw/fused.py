@@ -27,9 +27,10 @@ kernel on its copies). Not supported, so kept on XLA:
   from the computation);
 - inside a function compiled by XLA (`tf.function(jit_compile=True)`,
   `model.compile(jit_compile=True)`), which cannot contain the op;
-- what the kernel does not compute: `weight_decay_mode="independent"`,
-  `kahan_summation`, lazy sparse rows (`sparse_updates="lazy"`) and
-  moments stored in another dtype than the variable (`moment_dtype`).
+- what the kernel does not compute: `kahan_summation` (the compensated
+  store) and lazy sparse rows (`sparse_updates="lazy"`: the kernel takes
+  dense gradients). It computes both weight-decay modes and moments
+  stored in float32 or bfloat16 (`moment_dtype`).
 
 Only the whole step (`step.apply_step`) uses the kernel; `update_step`
 (one variable) and the EMA overwrite keep their path.
@@ -76,12 +77,17 @@ def variables_reason(state):
         name = variable.name
         if variable.dtype not in _DTYPES:
             return f"variable {name!r} has dtype {variable.dtype.name}"
+        slot_dtype = state.momentums[position].dtype
         for slots in slot_lists:
-            if slots[position].dtype != variable.dtype:
+            slot = slots[position]
+            if slot.dtype != slot_dtype or slot_dtype not in (
+                variable.dtype,
+                tf.float32,
+                tf.bfloat16,
+            ):
                 return (
-                    f"slot {slots[position].name!r} is "
-                    f"{slots[position].dtype.name}, its variable {name!r} "
-                    f"{variable.dtype.name}"
+                    f"slot {slot.name!r} is {slot.dtype.name}, its variable "
+                    f"{name!r} {variable.dtype.name}"
                 )
         for copy in _local_variables(variable):
             if _device_type(copy) != "CPU":
@@ -97,8 +103,6 @@ def config_reason(config, gradients=()):
     (options it does not implement), or `None`."""
     if config is None:
         return None
-    if config.weight_decay_mode != "lr_scaled":
-        return f"weight_decay_mode={config.weight_decay_mode!r}"
     if config.kahan_summation:
         return "kahan_summation=True"
     if any(isinstance(g, tf.IndexedSlices) for g in gradients):

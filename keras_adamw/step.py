@@ -342,6 +342,7 @@ def update_variables_fused(gradients, indices, step, state, hyper, config):
         hyper["learning_rate"],
         vectors,
         step,
+        independent_decay=config.weight_decay_mode == "independent",
     )
 
 

@@ -160,6 +160,41 @@ def test_kernel_equals_xla_path(dtype, config):
     assert_close(ours, theirs, XLA_TOLERANCE[dtype])
 
 
+# The options the kernel computes beyond Keras' own: both decay modes and
+# moments stored in another dtype than the variable (moment_dtype).
+OPTIONS = {
+    "independent_decay": (
+        {"weight_decay": 0.05, "weight_decay_mode": "independent"},
+        ["float64", "float32", "bfloat16", "float16"],
+    ),
+    "float32_moments": (
+        {"moment_dtype": "float32", "amsgrad": True},
+        ["bfloat16", "float16"],
+    ),
+    "bfloat16_moments": (
+        {"moment_dtype": "bfloat16", "weight_decay": 0.05},
+        ["float32", "float64"],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "option, dtype",
+    [(o, d) for o, (_, dtypes) in sorted(OPTIONS.items()) for d in dtypes],
+)
+def test_kernel_computes_decay_modes_and_moment_dtypes(option, dtype):
+    kwargs = OPTIONS[option][0]
+    ours, optimizer = run(dtype, kwargs, fused=True)
+    assert uses_kernel(optimizer)
+    numpy_kwargs = dict(kwargs)
+    if "moment_dtype" in kwargs:
+        numpy_kwargs["moment_dtype"] = NUMPY_DTYPES[kwargs["moment_dtype"]]
+    expected = reference(dtype, numpy_kwargs)
+    assert_close(ours, expected, REFERENCE_TOLERANCE[dtype])
+    theirs, _ = run(dtype, kwargs, fused=False)
+    assert_close(ours, theirs, XLA_TOLERANCE[dtype])
+
+
 def test_kernel_in_a_tf_function_equals_eager():
     init, grads, _ = make_problem()
     results = []
@@ -203,6 +238,27 @@ def test_fused_true_without_the_kernel_raises_before_any_change(
     with pytest.raises(ValueError, match=r"fused=True.*not available.*g\+\+"):
         optimizer.apply([tf.constant([1.0, 1.0])], [variable])
     assert variable.numpy().tolist() == [1.0, 2.0]
+    assert int(optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"kahan_summation": True}, "kahan_summation"),
+        ({"sparse_updates": "lazy"}, "sparse_updates"),
+    ],
+)
+def test_fused_true_with_what_the_kernel_does_not_compute_raises(
+    kwargs, named
+):
+    variable = keras.Variable(np.ones([4, 2]), dtype="bfloat16")
+    optimizer = keras_adamw.Adam(fused=True, **kwargs)
+    gradient = tf.IndexedSlices(
+        tf.ones([1, 2], tf.bfloat16), tf.constant([1]), tf.constant([4, 2])
+    )
+    with pytest.raises(ValueError, match=f"fused=True.*{named}"):
+        optimizer.apply([gradient], [variable])
+    assert variable.numpy().tolist() == [[1.0, 1.0]] * 4
     assert int(optimizer.iterations) == 0
 
 

@@ -224,12 +224,13 @@ def apply_adam(
     learning_rate,
     hyper,
     step,
+    independent_decay=False,
 ):
     """Calls the op: one Adam/AdamW update of every variable in the lists.
 
     Args:
         variables, momentums, velocities: Aligned lists of `tf.Variable`s
-            (slots of the variable's dtype).
+            (slots of one dtype: the variable's, float32 or bfloat16).
         velocity_hats: Aligned list with amsgrad, else `[]`.
         gradients: Dense gradients in each variable's compute dtype.
         learning_rate: The step's learning rate, a scalar.
@@ -237,6 +238,8 @@ def apply_adam(
             names in `HYPERPARAMETERS`): `learning_rate_multiplier`,
             `beta_1`, `beta_2`, `epsilon` and `weight_decay` (0 for none).
         step: The 1-based step, an int64 scalar.
+        independent_decay: `weight_decay_mode="independent"`: decay by
+            `weight_decay` alone, not times the learning rate.
     """
     module = load()
     # The slots go in as one group (see `slot_group`): a step then takes
@@ -251,4 +254,5 @@ def apply_adam(
         tf.cast(learning_rate, tf.float64),
         *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
+        independent_decay=independent_decay,
     )

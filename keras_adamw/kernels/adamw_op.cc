@@ -5,14 +5,17 @@
 // (Keras 3's), so that float32 results agree with the XLA path to rounding:
 //
 //   alpha    = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
-//   variable = variable - variable * weight_decay * lr   (weight_decay != 0)
+//   variable = variable - variable * weight_decay * lr   (weight_decay != 0;
+//              variable - variable * weight_decay with independent_decay)
 //   momentum = momentum + (gradient - momentum) * (1 - beta_1)
 //   velocity = velocity + (gradient^2 - velocity) * (1 - beta_2)
 //   velocity_hat = max(velocity_hat, velocity)            (amsgrad)
 //   variable = variable - (momentum * alpha) / (sqrt(velocity[_hat]) + eps)
 //
 // Half-precision variables (and their slots) are computed in float32 and
-// rounded once when stored; float32 in float32; float64 in float64. The
+// rounded once when stored; float32 in float32; float64 in float64. Slots
+// are in the variable's dtype or, with moment_dtype, float32 or bfloat16
+// (rounded once when stored; the update reads them unrounded). The
 // gradients come already in that compute dtype. The learning rate is the
 // step's scalar times a per-variable multiplier; the other hyperparameters
 // are float64 vectors with one entry per variable (so per-variable rules
@@ -121,6 +124,7 @@ REGISTER_OP("KerasAdamwApplyAdam")
     .Input("step: int64")
     .Attr("N: int >= 1")
     .Attr("T: list({float, double})")
+    .Attr("independent_decay: bool = false")
     .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext*) {
       return absl::OkStatus();
@@ -137,11 +141,15 @@ learning_rate_multiplier, beta_1, beta_2, epsilon, weight_decay: float64
   vectors of length N, one entry per variable; weight_decay 0 means no
   decay.
 step: the 1-based step t (int64 scalar).
+independent_decay: decay by weight_decay alone (weight_decay_mode=
+  "independent"), not weight_decay * learning_rate.
 )doc");
 
 // One variable's share of the work.
 struct Job {
   DataType dtype;
+  DataType slot_dtype;
+  bool independent_decay;  // weight_decay_mode="independent".
   void* variable;
   void* momentum;
   void* velocity;
@@ -151,12 +159,18 @@ struct Job {
   double beta_1, beta_2, epsilon, weight_decay;
 };
 
-template <typename T, typename C, bool kDecay, bool kAmsgrad>
+// How a variable is decayed (weight_decay_mode; none where its weight decay
+// is 0).
+enum Decay { kNoDecay, kLrScaled, kIndependent };
+
+// T: the variable's dtype; S: its slots' (moment_dtype); C: the compute
+// dtype.
+template <typename T, typename S, typename C, Decay kDecay, bool kAmsgrad>
 void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   T* __restrict variable = static_cast<T*>(job.variable);
-  T* __restrict momentum = static_cast<T*>(job.momentum);
-  T* __restrict velocity = static_cast<T*>(job.velocity);
-  T* __restrict velocity_hat = static_cast<T*>(job.velocity_hat);
+  S* __restrict momentum = static_cast<S*>(job.momentum);
+  S* __restrict velocity = static_cast<S*>(job.velocity);
+  S* __restrict velocity_hat = static_cast<S*>(job.velocity_hat);
   const C* __restrict gradient = static_cast<const C*>(job.gradient);
   // The scalars as the XLA path computes them: rounded to C, then in C
   // (the multiplier only where it is not 1, as keras_adamw/step.py).
@@ -176,7 +190,8 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   for (int64_t k = begin; k < end; ++k) {
     const C g = gradient[k];
     C x = static_cast<C>(variable[k]);
-    if (kDecay) x = x - x * weight_decay * lr;
+    if (kDecay == kLrScaled) x = x - x * weight_decay * lr;
+    if (kDecay == kIndependent) x = x - x * weight_decay;
     C m = static_cast<C>(momentum[k]);
     m = m + (g - m) * one_minus_beta_1;
     C v = static_cast<C>(velocity[k]);
@@ -186,41 +201,61 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
       C h = static_cast<C>(velocity_hat[k]);
       // tf.maximum's NaN propagation: NaN if either is NaN.
       h = (h < v || v != v) ? v : h;
-      velocity_hat[k] = static_cast<T>(h);
+      velocity_hat[k] = static_cast<S>(h);
       denominator_velocity = h;
     }
+    // The update reads the moments before they are rounded to S, as the
+    // XLA path does.
     x = x - (m * alpha) / (std::sqrt(denominator_velocity) + epsilon);
     variable[k] = static_cast<T>(x);
-    momentum[k] = static_cast<T>(m);
-    velocity[k] = static_cast<T>(v);
+    momentum[k] = static_cast<S>(m);
+    velocity[k] = static_cast<S>(v);
   }
 }
 
-template <typename T, typename C>
-void UpdateTyped(const Job& job, int64_t step, int64_t begin, int64_t end) {
-  const bool decay = job.weight_decay != 0.0;
-  const bool amsgrad = job.velocity_hat != nullptr;
-  if (decay && amsgrad) {
-    UpdateRange<T, C, true, true>(job, step, begin, end);
-  } else if (decay) {
-    UpdateRange<T, C, true, false>(job, step, begin, end);
-  } else if (amsgrad) {
-    UpdateRange<T, C, false, true>(job, step, begin, end);
+template <typename T, typename S, typename C, Decay kDecay>
+void UpdateDecayed(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  if (job.velocity_hat != nullptr) {
+    UpdateRange<T, S, C, kDecay, true>(job, step, begin, end);
   } else {
-    UpdateRange<T, C, false, false>(job, step, begin, end);
+    UpdateRange<T, S, C, kDecay, false>(job, step, begin, end);
+  }
+}
+
+template <typename T, typename S, typename C>
+void UpdateTyped(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  if (job.weight_decay == 0.0) {
+    UpdateDecayed<T, S, C, kNoDecay>(job, step, begin, end);
+  } else if (job.independent_decay) {
+    UpdateDecayed<T, S, C, kIndependent>(job, step, begin, end);
+  } else {
+    UpdateDecayed<T, S, C, kLrScaled>(job, step, begin, end);
+  }
+}
+
+// Slots in the variable's dtype, or float32 or bfloat16 (moment_dtype; the
+// op checks which before any write).
+template <typename T, typename C>
+void UpdateSlots(const Job& job, int64_t step, int64_t begin, int64_t end) {
+  if (job.slot_dtype == tensorflow::DataTypeToEnum<T>::value) {
+    UpdateTyped<T, T, C>(job, step, begin, end);
+  } else if (job.slot_dtype == tensorflow::DT_FLOAT) {
+    UpdateTyped<T, float, C>(job, step, begin, end);
+  } else {
+    UpdateTyped<T, Eigen::bfloat16, C>(job, step, begin, end);
   }
 }
 
 void Update(const Job& job, int64_t step, int64_t begin, int64_t end) {
   switch (job.dtype) {
     case tensorflow::DT_HALF:
-      return UpdateTyped<Eigen::half, float>(job, step, begin, end);
+      return UpdateSlots<Eigen::half, float>(job, step, begin, end);
     case tensorflow::DT_BFLOAT16:
-      return UpdateTyped<Eigen::bfloat16, float>(job, step, begin, end);
+      return UpdateSlots<Eigen::bfloat16, float>(job, step, begin, end);
     case tensorflow::DT_FLOAT:
-      return UpdateTyped<float, float>(job, step, begin, end);
+      return UpdateSlots<float, float>(job, step, begin, end);
     default:
-      return UpdateTyped<double, double>(job, step, begin, end);
+      return UpdateSlots<double, double>(job, step, begin, end);
   }
 }
 
@@ -253,6 +288,8 @@ class ApplyAdamOp : public OpKernel {
  public:
   explicit ApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx,
+                   ctx->GetAttr("independent_decay", &independent_decay_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -318,15 +355,25 @@ class ApplyAdamOp : public OpKernel {
                         "input ", slot * n + i, " (variable ", i,
                         ") is not initialized")));
         const Tensor& tensor = *resource->tensor();
+        // The variable itself, then its slots: all in one dtype, the
+        // variable's or float32 or bfloat16 (moment_dtype).
+        const DataType slot_dtype =
+            resources[n + i]->tensor()->dtype();
+        const DataType expected = slot == 0 ? dtype : slot_dtype;
         OP_REQUIRES(ctx,
-                    tensor.dtype() == dtype &&
+                    tensor.dtype() == expected &&
+                        (expected == dtype ||
+                         expected == tensorflow::DT_FLOAT ||
+                         expected == tensorflow::DT_BFLOAT16) &&
                         tensor.shape() == variable.shape(),
                     absl::InvalidArgumentError(absl::StrCat(
                         "slot ", slot, " of variable ", i, " is ",
                         tensorflow::DataTypeString(tensor.dtype()),
                         tensor.shape().DebugString(), ", the variable ",
                         tensorflow::DataTypeString(dtype),
-                        variable.shape().DebugString())));
+                        variable.shape().DebugString(),
+                        " (slots: one dtype, the variable's or float or "
+                        "bfloat16)")));
       }
       const Tensor& gradient = ctx->input(first_gradient + i);
       OP_REQUIRES(ctx,
@@ -363,6 +410,8 @@ class ApplyAdamOp : public OpKernel {
     for (int i = 0; i < n; ++i) {
       Job& job = jobs[i];
       job.dtype = resources[i]->tensor()->dtype();
+      job.slot_dtype = resources[n + i]->tensor()->dtype();
+      job.independent_decay = independent_decay_;
       job.variable = resources[i]->tensor()->data();
       job.momentum = resources[n + i]->tensor()->data();
       job.velocity = resources[2 * n + i]->tensor()->data();
@@ -396,6 +445,7 @@ class ApplyAdamOp : public OpKernel {
 
  private:
   int n_;
+  bool independent_decay_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamwApplyAdam")
