@@ -357,6 +357,78 @@ def test_a_read_in_flight_keeps_its_value():
     np.testing.assert_allclose(variable.numpy(), [0.5, 1.5, 2.5], rtol=1e-6)
 
 
+def test_bfloat16_is_rounded_to_nearest_even_as_tf_cast_rounds():
+    # The kernel converts bfloat16 with integer operations of its own;
+    # every stored value must be the one tf.cast (Eigen) would store: ties
+    # to even, overflow to inf, NaN to NaN. (Subnormals are left out:
+    # TensorFlow's CPU threads flush them to zero in arithmetic, on every
+    # path.)
+    bits = np.arange(0, 2**16, 7, dtype=np.uint16)
+    bits = bits[(bits & 0x7F80 != 0) | (bits & 0x7FFF == 0)]
+    values = bits.view(ml_dtypes.bfloat16)
+    gradient = np.concatenate(
+        [
+            values.astype(np.float32),
+            # Exact ties between two bfloat16 values, and the largest
+            # float32s (which round to inf).
+            (np.arange(0x3F00, 0x3FC8, dtype=np.uint32) << 16 | 0x8000).view(
+                np.float32
+            ),
+            np.array([3.4e38, -3.4e38, np.nan, np.inf], np.float32),
+        ]
+    )
+    size = gradient.size
+    variable = tf.Variable(np.resize(values, size))
+    momentum = tf.Variable(tf.zeros([size], tf.bfloat16))
+    velocity = tf.Variable(tf.zeros([size], tf.bfloat16))
+    kernels.apply_adam(
+        [variable],
+        [momentum],
+        [velocity],
+        [],
+        [tf.constant(gradient)],
+        tf.constant(0.0, tf.float64),  # The variable keeps its value.
+        {
+            name: tf.constant([value], tf.float64)
+            for name, value in [
+                ("learning_rate_multiplier", 1.0),
+                ("beta_1", 0.0),  # momentum = gradient, rounded
+                ("beta_2", 0.0),  # velocity = gradient ** 2, rounded
+                ("epsilon", 1.0),
+                ("weight_decay", 0.0),
+            ]
+        },
+        tf.constant(1, tf.int64),
+    )
+
+    def bits_of(x):
+        x = np.asarray(x).view(np.uint16)
+        # Any NaN is a NaN: compare NaNs by their being NaN.
+        return np.where(
+            np.isnan(np.asarray(x.view(ml_dtypes.bfloat16), np.float32)),
+            0x7FC0,
+            x,
+        )
+
+    expected_momentum = tf.cast(tf.constant(gradient), tf.bfloat16)
+    expected_velocity = tf.cast(
+        tf.constant(gradient) * tf.constant(gradient), tf.bfloat16
+    )
+    # Where the step moves it by 0 (a finite momentum times alpha = 0),
+    # the variable is read and stored back unchanged.
+    unmoved = np.isfinite(np.asarray(expected_momentum.numpy(), np.float32))
+    np.testing.assert_array_equal(
+        bits_of(variable.numpy())[unmoved],
+        bits_of(np.resize(values, size))[unmoved],
+    )
+    np.testing.assert_array_equal(
+        bits_of(momentum.numpy()), bits_of(expected_momentum.numpy())
+    )
+    np.testing.assert_array_equal(
+        bits_of(velocity.numpy()), bits_of(expected_velocity.numpy())
+    )
+
+
 def test_the_op_checks_shapes_before_any_write():
     variables = [tf.Variable([1.0, 2.0]), tf.Variable([3.0])]
     momentums = [tf.Variable([0.0, 0.0]), tf.Variable([0.0])]

@@ -159,18 +159,53 @@ struct Job {
   double beta_1, beta_2, epsilon, weight_decay;
 };
 
+// How an element stored as T is read into and written from the compute
+// dtype C. bfloat16 (with C float) is handled as raw 16-bit integers with
+// shifts and adds that GCC vectorises: Eigen's bfloat16 struct is not
+// vectorised, which made bfloat16 steps 1.8x slower than float32 ones.
+// The rounding is Eigen's: to nearest even, NaN to a quiet NaN of the same
+// sign.
+template <typename T, typename C>
+struct Storage {
+  using Raw = T;
+  static C Load(Raw value) { return static_cast<C>(value); }
+  static Raw Store(C value) { return static_cast<Raw>(value); }
+};
+
+template <>
+struct Storage<Eigen::bfloat16, float> {
+  using Raw = uint16_t;
+  static float Load(uint16_t raw) {
+    const uint32_t bits = static_cast<uint32_t>(raw) << 16;
+    float result;
+    std::memcpy(&result, &bits, sizeof(result));
+    return result;
+  }
+  static uint16_t Store(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = ((bits >> 16) & 0x8000u) | 0x7fc0u;
+    const bool is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    return static_cast<uint16_t>(is_nan ? quiet_nan : rounded);
+  }
+};
+
 // How a variable is decayed (weight_decay_mode; none where its weight decay
 // is 0).
 enum Decay { kNoDecay, kLrScaled, kIndependent };
 
 // T: the variable's dtype; S: its slots' (moment_dtype); C: the compute
-// dtype.
+// dtype, the gradient's.
 template <typename T, typename S, typename C, Decay kDecay, bool kAmsgrad>
 void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
-  T* __restrict variable = static_cast<T*>(job.variable);
-  S* __restrict momentum = static_cast<S*>(job.momentum);
-  S* __restrict velocity = static_cast<S*>(job.velocity);
-  S* __restrict velocity_hat = static_cast<S*>(job.velocity_hat);
+  using Variables = Storage<T, C>;
+  using Slots = Storage<S, C>;
+  auto* __restrict variable = static_cast<typename Variables::Raw*>(job.variable);
+  auto* __restrict momentum = static_cast<typename Slots::Raw*>(job.momentum);
+  auto* __restrict velocity = static_cast<typename Slots::Raw*>(job.velocity);
+  auto* __restrict velocity_hat =
+      static_cast<typename Slots::Raw*>(job.velocity_hat);
   const C* __restrict gradient = static_cast<const C*>(job.gradient);
   // The scalars as the XLA path computes them: rounded to C, then in C
   // (the multiplier only where it is not 1, as keras_adamw/step.py).
@@ -189,27 +224,27 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   const C one_minus_beta_2 = C(1) - beta_2;
   for (int64_t k = begin; k < end; ++k) {
     const C g = gradient[k];
-    C x = static_cast<C>(variable[k]);
+    C x = Variables::Load(variable[k]);
     if (kDecay == kLrScaled) x = x - x * weight_decay * lr;
     if (kDecay == kIndependent) x = x - x * weight_decay;
-    C m = static_cast<C>(momentum[k]);
+    C m = Slots::Load(momentum[k]);
     m = m + (g - m) * one_minus_beta_1;
-    C v = static_cast<C>(velocity[k]);
+    C v = Slots::Load(velocity[k]);
     v = v + (g * g - v) * one_minus_beta_2;
     C denominator_velocity = v;
     if (kAmsgrad) {
-      C h = static_cast<C>(velocity_hat[k]);
+      C h = Slots::Load(velocity_hat[k]);
       // tf.maximum's NaN propagation: NaN if either is NaN.
       h = (h < v || v != v) ? v : h;
-      velocity_hat[k] = static_cast<S>(h);
+      velocity_hat[k] = Slots::Store(h);
       denominator_velocity = h;
     }
     // The update reads the moments before they are rounded to S, as the
     // XLA path does.
     x = x - (m * alpha) / (std::sqrt(denominator_velocity) + epsilon);
-    variable[k] = static_cast<T>(x);
-    momentum[k] = static_cast<S>(m);
-    velocity[k] = static_cast<S>(v);
+    variable[k] = Variables::Store(x);
+    momentum[k] = Slots::Store(m);
+    velocity[k] = Slots::Store(v);
   }
 }
 
