@@ -344,7 +344,7 @@ def job(job_processes):
 
 def test_importing_keras_adamw_leaves_tf_keras_out_and_explains(job):
     assert job["keras_adamw_imports_tf_keras"] is False
-    assert "pip install keras_adamw[tf_keras]" in job["missing_tf_keras_error"]
+    assert "pip install keras_adamw[tf-keras]" in job["missing_tf_keras_error"]
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

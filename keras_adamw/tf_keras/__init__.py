@@ -2,7 +2,7 @@
 
 The same math, step program, execution and placement as `keras_adamw.Adam`;
 only the Keras-facing shell is tf_keras'. Needs tf_keras
-(`pip install keras_adamw[tf_keras]`); `import keras_adamw` alone never
+(`pip install keras_adamw[tf-keras]`); `import keras_adamw` alone never
 imports it. `keras_adamw.tf_keras.dtensor` has Keras 2.9's DTensor
 signature (`gradients_clip_option`, `ema_option`).
 

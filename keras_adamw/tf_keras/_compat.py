@@ -21,7 +21,7 @@ try:
 except ImportError as error:  # pragma: no cover - tested in a subprocess.
     raise ImportError(
         "keras_adamw.tf_keras needs tf_keras (Keras 2): "
-        "`pip install keras_adamw[tf_keras]` (or `pip install tf-keras` "
+        "`pip install keras_adamw[tf-keras]` (or `pip install tf-keras` "
         "matching your TensorFlow version). For Keras 3 models use "
         f"keras_adamw.Adam / keras_adamw.AdamW. ({error})"
     ) from error
@@ -55,7 +55,7 @@ def check_tf_keras_version(version=None):
         raise ImportError(
             f"keras_adamw.tf_keras needs tf_keras >= {low} (checked with "
             f"{low} to {high}); found tf_keras {version}. "
-            "`pip install keras_adamw[tf_keras]`."
+            "`pip install keras_adamw[tf-keras]`."
         )
     if _version_tuple(version)[:2] > _version_tuple(high)[:2]:
         warnings.warn(
