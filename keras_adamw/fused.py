@@ -27,10 +27,10 @@ kernel on its copies). Not supported, so kept on XLA:
   from the computation);
 - inside a function compiled by XLA (`tf.function(jit_compile=True)`,
   `model.compile(jit_compile=True)`), which cannot contain the op;
-- what the kernel does not compute: `kahan_summation` (the compensated
-  store) and lazy sparse rows (`sparse_updates="lazy"`: the kernel takes
-  dense gradients). It computes both weight-decay modes and moments
-  stored in float32 or bfloat16 (`moment_dtype`).
+- what the kernel does not compute: lazy sparse rows
+  (`sparse_updates="lazy"`: the kernel takes dense gradients). It
+  computes both weight-decay modes, moments stored in float32 or bfloat16
+  (`moment_dtype`) and `kahan_summation`'s compensated store.
 
 Only the whole step (`step.apply_step`) uses the kernel; `update_step`
 (one variable) and the EMA overwrite keep their path.
@@ -103,8 +103,6 @@ def config_reason(config, gradients=()):
     (options it does not implement), or `None`."""
     if config is None:
         return None
-    if config.kahan_summation:
-        return "kahan_summation=True"
     if any(isinstance(g, tf.IndexedSlices) for g in gradients):
         return 'sparse_updates="lazy" (the kernel takes dense gradients)'
     return None

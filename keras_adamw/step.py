@@ -343,6 +343,11 @@ def update_variables_fused(gradients, indices, step, state, hyper, config):
         vectors,
         step,
         independent_decay=config.weight_decay_mode == "independent",
+        compensations=(
+            [state.compensations[i] for i in indices]
+            if config.kahan_summation
+            else ()
+        ),
     )
 
 

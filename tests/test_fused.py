@@ -160,8 +160,9 @@ def test_kernel_equals_xla_path(dtype, config):
     assert_close(ours, theirs, XLA_TOLERANCE[dtype])
 
 
-# The options the kernel computes beyond Keras' own: both decay modes and
-# moments stored in another dtype than the variable (moment_dtype).
+# The options the kernel computes beyond Keras' own: both decay modes,
+# moments stored in another dtype than the variable (moment_dtype) and the
+# compensated store of kahan_summation.
 OPTIONS = {
     "independent_decay": (
         {"weight_decay": 0.05, "weight_decay_mode": "independent"},
@@ -174,6 +175,11 @@ OPTIONS = {
     "bfloat16_moments": (
         {"moment_dtype": "bfloat16", "weight_decay": 0.05},
         ["float32", "float64"],
+    ),
+    "kahan": ({"kahan_summation": True}, ["bfloat16", "float16"]),
+    "kahan_amsgrad_float32_moments": (
+        {"kahan_summation": True, "amsgrad": True, "moment_dtype": "float32"},
+        ["bfloat16"],
     ),
 }
 
@@ -241,18 +247,11 @@ def test_fused_true_without_the_kernel_raises_before_any_change(
     assert int(optimizer.iterations) == 0
 
 
-@pytest.mark.parametrize(
-    "kwargs, named",
-    [
-        ({"kahan_summation": True}, "kahan_summation"),
-        ({"sparse_updates": "lazy"}, "sparse_updates"),
-    ],
-)
-def test_fused_true_with_what_the_kernel_does_not_compute_raises(
-    kwargs, named
-):
+def test_fused_true_with_lazy_sparse_rows_raises_before_any_change():
+    # The one option the kernel does not compute: it takes dense gradients.
+    named = "sparse_updates"
     variable = keras.Variable(np.ones([4, 2]), dtype="bfloat16")
-    optimizer = keras_adamw.Adam(fused=True, **kwargs)
+    optimizer = keras_adamw.Adam(fused=True, sparse_updates="lazy")
     gradient = tf.IndexedSlices(
         tf.ones([1, 2], tf.bfloat16), tf.constant([1]), tf.constant([4, 2])
     )

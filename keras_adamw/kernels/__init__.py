@@ -225,6 +225,7 @@ def apply_adam(
     hyper,
     step,
     independent_decay=False,
+    compensations=(),
 ):
     """Calls the op: one Adam/AdamW update of every variable in the lists.
 
@@ -240,12 +241,14 @@ def apply_adam(
         step: The 1-based step, an int64 scalar.
         independent_decay: `weight_decay_mode="independent"`: decay by
             `weight_decay` alone, not times the learning rate.
+        compensations: With `kahan_summation`, each (half-precision)
+            variable's compensation, aligned; else empty.
     """
     module = load()
     # The slots go in as one group (see `slot_group`): a step then takes
     # about two inputs per variable (its handle and gradient), not four.
     group = slot_group.slot_group(
-        module, [*momentums, *velocities, *velocity_hats]
+        module, [*momentums, *velocities, *velocity_hats, *compensations]
     )
     return module.keras_adamw_apply_adam(
         [v.handle for v in variables],
@@ -255,4 +258,5 @@ def apply_adam(
         *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
         independent_decay=independent_decay,
+        kahan=bool(compensations),
     )

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -125,6 +126,7 @@ REGISTER_OP("KerasAdamwApplyAdam")
     .Attr("N: int >= 1")
     .Attr("T: list({float, double})")
     .Attr("independent_decay: bool = false")
+    .Attr("kahan: bool = false")
     .SetIsStateful()
     .SetShapeFn([](::tensorflow::shape_inference::InferenceContext*) {
       return absl::OkStatus();
@@ -133,8 +135,9 @@ REGISTER_OP("KerasAdamwApplyAdam")
 Adam/AdamW update of N variables and their slots, in place.
 
 variables: N resource variables.
-slots: a KerasAdamwSlotGroup of their 2N slots (momentums, velocities) or,
-  with amsgrad, 3N (and velocity hats), aligned with the variables.
+slots: a KerasAdamwSlotGroup of their slots, N of each, aligned with the
+  variables: momentums, velocities, velocity hats (amsgrad), compensations
+  (kahan).
 gradients: N dense gradients in each variable's compute dtype.
 learning_rate: the step's learning rate (float64 scalar).
 learning_rate_multiplier, beta_1, beta_2, epsilon, weight_decay: float64
@@ -143,6 +146,7 @@ learning_rate_multiplier, beta_1, beta_2, epsilon, weight_decay: float64
 step: the 1-based step t (int64 scalar).
 independent_decay: decay by weight_decay alone (weight_decay_mode=
   "independent"), not weight_decay * learning_rate.
+kahan: the group ends with a compensation per (half-precision) variable.
 )doc");
 
 // One variable's share of the work.
@@ -154,6 +158,7 @@ struct Job {
   void* momentum;
   void* velocity;
   void* velocity_hat;  // nullptr without amsgrad.
+  void* compensation;  // nullptr without kahan_summation.
   const void* gradient;
   double learning_rate, learning_rate_multiplier;
   double beta_1, beta_2, epsilon, weight_decay;
@@ -197,7 +202,10 @@ enum Decay { kNoDecay, kLrScaled, kIndependent };
 
 // T: the variable's dtype; S: its slots' (moment_dtype); C: the compute
 // dtype, the gradient's.
-template <typename T, typename S, typename C, Decay kDecay, bool kAmsgrad>
+// kKahan: the variable is stored with a compensation of its dtype
+// (kahan_summation, half precision only), as keras_adamw/precision.py.
+template <typename T, typename S, typename C, Decay kDecay, bool kAmsgrad,
+          bool kKahan>
 void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   using Variables = Storage<T, C>;
   using Slots = Storage<S, C>;
@@ -206,6 +214,8 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   auto* __restrict velocity = static_cast<typename Slots::Raw*>(job.velocity);
   auto* __restrict velocity_hat =
       static_cast<typename Slots::Raw*>(job.velocity_hat);
+  auto* __restrict compensation =
+      static_cast<typename Variables::Raw*>(job.compensation);
   const C* __restrict gradient = static_cast<const C*>(job.gradient);
   // The scalars as the XLA path computes them: rounded to C, then in C
   // (the multiplier only where it is not 1, as keras_adamw/step.py).
@@ -225,6 +235,7 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
   for (int64_t k = begin; k < end; ++k) {
     const C g = gradient[k];
     C x = Variables::Load(variable[k]);
+    if (kKahan) x = x + Variables::Load(compensation[k]);
     if (kDecay == kLrScaled) x = x - x * weight_decay * lr;
     if (kDecay == kIndependent) x = x - x * weight_decay;
     C m = Slots::Load(momentum[k]);
@@ -242,18 +253,39 @@ void UpdateRange(const Job& job, int64_t step, int64_t begin, int64_t end) {
     // The update reads the moments before they are rounded to S, as the
     // XLA path does.
     x = x - (m * alpha) / (std::sqrt(denominator_velocity) + epsilon);
-    variable[k] = Variables::Store(x);
+    if (kKahan) {
+      // The weight as stored, and what that rounding lost.
+      const auto weight = Variables::Store(x);
+      compensation[k] = Variables::Store(x - Variables::Load(weight));
+      variable[k] = weight;
+    } else {
+      variable[k] = Variables::Store(x);
+    }
     momentum[k] = Slots::Store(m);
     velocity[k] = Slots::Store(v);
   }
 }
 
+template <typename T, typename S, typename C, Decay kDecay, bool kAmsgrad>
+void UpdateCompensated(const Job& job, int64_t step, int64_t begin,
+                       int64_t end) {
+  // Compensations exist for half-precision variables only.
+  if constexpr (std::is_same_v<T, Eigen::half> ||
+                std::is_same_v<T, Eigen::bfloat16>) {
+    if (job.compensation != nullptr) {
+      return UpdateRange<T, S, C, kDecay, kAmsgrad, true>(job, step, begin,
+                                                          end);
+    }
+  }
+  UpdateRange<T, S, C, kDecay, kAmsgrad, false>(job, step, begin, end);
+}
+
 template <typename T, typename S, typename C, Decay kDecay>
 void UpdateDecayed(const Job& job, int64_t step, int64_t begin, int64_t end) {
   if (job.velocity_hat != nullptr) {
-    UpdateRange<T, S, C, kDecay, true>(job, step, begin, end);
+    UpdateCompensated<T, S, C, kDecay, true>(job, step, begin, end);
   } else {
-    UpdateRange<T, S, C, kDecay, false>(job, step, begin, end);
+    UpdateCompensated<T, S, C, kDecay, false>(job, step, begin, end);
   }
 }
 
@@ -325,6 +357,7 @@ class ApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
     OP_REQUIRES_OK(ctx,
                    ctx->GetAttr("independent_decay", &independent_decay_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("kahan", &kahan_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -337,14 +370,17 @@ class ApplyAdamOp : public OpKernel {
     tensorflow::core::RefCountPtr<SlotGroup> group;
     OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, n), &group));
     const int num_slots = static_cast<int>(group->slots().size());
-    OP_REQUIRES(ctx, num_slots == 2 * n || num_slots == 3 * n,
+    const int base = (kahan_ ? 3 : 2) * n;
+    OP_REQUIRES(ctx, num_slots == base || num_slots == base + n,
                 absl::InvalidArgumentError(absl::StrCat(
                     "the slot group holds ", num_slots, " slots; ", n,
-                    " variables need ", 2 * n, " or, with amsgrad, ",
-                    3 * n)));
-    const bool amsgrad = num_slots == 3 * n;
+                    " variables need ", base, " or, with amsgrad, ",
+                    base + n)));
+    const bool amsgrad = num_slots == base + n;
     // resources[slot * n + i]: slot 0 the variable i, 1 its momentum, 2 its
-    // velocity, 3 its velocity hat.
+    // velocity, then its velocity hat (amsgrad), then its compensation
+    // (kahan).
+    const int compensation_slot = amsgrad ? 4 : 3;
     const int num_resources = n + num_slots;
     std::vector<Var*> resources(num_resources);
     std::vector<tensorflow::mutex*> mutexes;
@@ -383,7 +419,14 @@ class ApplyAdamOp : public OpKernel {
           absl::InvalidArgumentError(absl::StrCat(
               "variable ", i, " has unsupported dtype ",
               tensorflow::DataTypeString(dtype))));
-      for (int slot = 0; slot < (amsgrad ? 4 : 3); ++slot) {
+      OP_REQUIRES(ctx,
+                  !kahan_ || dtype == tensorflow::DT_HALF ||
+                      dtype == tensorflow::DT_BFLOAT16,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "kahan needs half-precision variables; variable ", i,
+                      " is ", tensorflow::DataTypeString(dtype))));
+      for (int slot = 0; slot < compensation_slot + (kahan_ ? 1 : 0);
+           ++slot) {
         Var* resource = resources[slot * n + i];
         OP_REQUIRES(ctx, resource->is_initialized,
                     absl::FailedPreconditionError(absl::StrCat(
@@ -394,7 +437,8 @@ class ApplyAdamOp : public OpKernel {
         // variable's or float32 or bfloat16 (moment_dtype).
         const DataType slot_dtype =
             resources[n + i]->tensor()->dtype();
-        const DataType expected = slot == 0 ? dtype : slot_dtype;
+        const DataType expected =
+            slot == 0 || slot == compensation_slot ? dtype : slot_dtype;
         OP_REQUIRES(ctx,
                     tensor.dtype() == expected &&
                         (expected == dtype ||
@@ -452,6 +496,9 @@ class ApplyAdamOp : public OpKernel {
       job.velocity = resources[2 * n + i]->tensor()->data();
       job.velocity_hat =
           amsgrad ? resources[3 * n + i]->tensor()->data() : nullptr;
+      job.compensation =
+          kahan_ ? resources[compensation_slot * n + i]->tensor()->data()
+                 : nullptr;
       job.gradient = ctx->input(first_gradient + i).data();
       job.learning_rate = learning_rate.scalar<double>()();
       job.learning_rate_multiplier = hypers[0][i];
@@ -481,6 +528,7 @@ class ApplyAdamOp : public OpKernel {
  private:
   int n_;
   bool independent_decay_;
+  bool kahan_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamwApplyAdam")
