@@ -149,28 +149,6 @@ def move_toward(average, target, rate):
     return average + (target - average) * rate
 
 
-def update_momentum(momentum, gradient, beta_1):
-    """Returns the first moment after one step: `m + (g - m)(1 - beta_1)`.
-
-    Example:
-
-    >>> float(update_momentum(tf.constant(0.0), tf.constant(1.0), 0.9))
-    0.1...
-    """
-    return move_toward(momentum, gradient, 1 - beta_1)
-
-
-def update_velocity(velocity, gradient, beta_2):
-    """Returns the second moment after one step: `v + (g^2 - v)(1 - beta_2)`.
-
-    Example:
-
-    >>> float(update_velocity(tf.constant(0.0), tf.constant(2.0), 0.5))
-    2.0
-    """
-    return move_toward(velocity, tf.square(gradient), 1 - beta_2)
-
-
 def adam_delta(momentum, velocity, alpha, epsilon):
     """Returns the amount Adam subtracts from a variable.
 

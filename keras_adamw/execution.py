@@ -33,12 +33,6 @@ import tensorflow as tf
 
 from keras_adamw import fused as fused_lib
 
-# Strategies whose variables live away from the devices that compute.
-_REMOTE_VARIABLE_STRATEGIES = (
-    tf.distribute.experimental.ParameterServerStrategy,
-    tf.distribute.experimental.CentralStorageStrategy,
-)
-
 
 def not_converted(function):
     """`function`, called as it is by autograph rather than converted.
@@ -76,7 +70,7 @@ def choose_program(function, xla_program, jit_compile):
     if not jit_compile:
         return function
     strategy = tf.distribute.get_strategy()
-    if isinstance(strategy, _REMOTE_VARIABLE_STRATEGIES):
+    if fused_lib.variables_are_remote(strategy):
         warnings.warn(
             f"jit_compile=True cannot run under {type(strategy).__name__}, "
             "whose variables live on other devices than the computation; "

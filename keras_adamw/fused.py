@@ -42,11 +42,29 @@ from keras_adamw import _tf_compat
 from keras_adamw import kernels
 from keras_adamw import step
 
+_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+# Strategies whose variables live away from the devices that compute (a
+# parameter server, a central device): neither the kernel nor an XLA
+# program reaches them from the computation.
 _REMOTE_VARIABLE_STRATEGIES = (
     tf.distribute.experimental.ParameterServerStrategy,
     tf.distribute.experimental.CentralStorageStrategy,
 )
-_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def variables_are_remote(strategy):
+    """Whether `strategy` keeps variables away from the devices that
+    compute (`ParameterServerStrategy`, `CentralStorageStrategy`); also
+    what keeps `keras_adamw.execution` off XLA.
+
+    Example:
+
+    >>> variables_are_remote(tf.distribute.get_strategy())
+    False
+    """
+    return isinstance(strategy, _REMOTE_VARIABLE_STRATEGIES)
 
 
 def _local_variables(variable):
@@ -130,7 +148,7 @@ def unsupported_reason(state, config, cache=None, gradients=()):
     if reason is not None:
         return f"the fused kernel is not available here: {reason}"
     strategy = tf.distribute.get_strategy()
-    if isinstance(strategy, _REMOTE_VARIABLE_STRATEGIES):
+    if variables_are_remote(strategy):
         return (
             f"under {type(strategy).__name__} the variables live away from "
             "the devices that compute"

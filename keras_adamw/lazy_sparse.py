@@ -10,7 +10,7 @@ not to the table.
 
 Duplicate indices are summed first (`unique_rows`), so the velocity sees
 `(g1 + g2)**2`. The update of the gathered rows is the same
-`adam_math.adam_update` as everywhere (`keras_adamw.step` calls it on the
+`adam_math.update_with` as everywhere (`keras_adamw.step` calls it on the
 rows `gather` returns and writes them back with `scatter`).
 """
 

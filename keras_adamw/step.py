@@ -2,7 +2,7 @@
 
 `apply_step` is the program that `jit_compile=True` compiles with XLA: it
 unscales the gradients, accumulates them or takes a real step (clip, update
-each variable with `adam_math.adam_update`, move the EMA), applies
+each variable with `adam_math.update_with`, move the EMA), applies
 constraints and counts the call. It reads and writes only the variables in
 its `State` argument, never the optimizer, so the same program runs on one
 device, on each device of a `tf.distribute` strategy (given that device's
