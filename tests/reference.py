@@ -7,7 +7,16 @@ corrections `keras_adamw` documents: duplicate sparse indices are summed
 bias correction uses the same beta as the moment update.
 """
 
+import ml_dtypes
 import numpy as np
+
+# The NumPy dtype of each floating dtype the optimizer supports, by name.
+NUMPY_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float16": np.float16,
+}
 
 
 class NumpyAdam:

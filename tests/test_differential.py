@@ -14,24 +14,18 @@ compares the weights within the tolerance README.md promises for the dtype
 import dataclasses
 
 import keras
-import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_adamw
+from tests.reference import NUMPY_DTYPES
 from tests.reference import NumpyAdam
 from tests.reference import dense_from_sparse
 
 CASES = 240
 SEED = 20261128
 
-NUMPY_DTYPES = {
-    "float64": np.float64,
-    "float32": np.float32,
-    "bfloat16": ml_dtypes.bfloat16,
-    "float16": np.float16,
-}
 # The promise (README.md, "What is promised"): the largest difference from
 # the reference, in units of the dtype's epsilon times the weight's size
 # (at least 1), after a few steps.

@@ -21,18 +21,13 @@ import tensorflow as tf
 import keras_adamw
 from keras_adamw import kernels
 from keras_adamw import step
+from tests.reference import NUMPY_DTYPES
 from tests.reference import NumpyAdam
 from tests.reference import dense_from_sparse
 
 STEPS = 12
 SHAPES = [(6, 5), (5,), ()]
 NAMES = ["kernel", "bias", "scale"]
-NUMPY_DTYPES = {
-    "float64": np.float64,
-    "float32": np.float32,
-    "bfloat16": ml_dtypes.bfloat16,
-    "float16": np.float16,
-}
 # Largest difference from the reference, relative to the weight's size:
 # a few roundings of the stored dtype (README.md, "What is promised").
 REFERENCE_TOLERANCE = {
@@ -327,6 +322,20 @@ def test_state_moves_between_kernel_and_xla_paths():
         assert_close([v.numpy() for v in variables], expected, 1e-6)
 
 
+def one_variable_vectors(beta_1, beta_2, epsilon, weight_decay=0.0):
+    """The op's hyperparameter vectors (`kernels.HYPERPARAMETERS`) for one
+    variable, learning-rate multiplier 1."""
+    values = {
+        "learning_rate_multiplier": 1.0,
+        "beta_1": beta_1,
+        "beta_2": beta_2,
+        "epsilon": epsilon,
+        "weight_decay": weight_decay,
+    }
+    assert tuple(values) == kernels.HYPERPARAMETERS
+    return {k: tf.constant([v], tf.float64) for k, v in values.items()}
+
+
 def test_a_read_in_flight_keeps_its_value():
     # Copy-on-write, as TensorFlow's ResourceApply* kernels: a tensor read
     # before the step still holds the old value after it.
@@ -340,16 +349,7 @@ def test_a_read_in_flight_keeps_its_value():
         [],
         [tf.constant([1.0, 1.0, 1.0])],
         tf.constant(0.5, tf.float64),
-        {
-            name: tf.constant([value], tf.float64)
-            for name, value in [
-                ("learning_rate_multiplier", 1.0),
-                ("beta_1", 0.9),
-                ("beta_2", 0.999),
-                ("epsilon", 0.0),
-                ("weight_decay", 0.0),
-            ]
-        },
+        one_variable_vectors(beta_1=0.9, beta_2=0.999, epsilon=0.0),
         tf.constant(1, tf.int64),
     )
     assert before.numpy().tolist() == [1.0, 2.0, 3.0]
@@ -387,16 +387,8 @@ def test_bfloat16_is_rounded_to_nearest_even_as_tf_cast_rounds():
         [],
         [tf.constant(gradient)],
         tf.constant(0.0, tf.float64),  # The variable keeps its value.
-        {
-            name: tf.constant([value], tf.float64)
-            for name, value in [
-                ("learning_rate_multiplier", 1.0),
-                ("beta_1", 0.0),  # momentum = gradient, rounded
-                ("beta_2", 0.0),  # velocity = gradient ** 2, rounded
-                ("epsilon", 1.0),
-                ("weight_decay", 0.0),
-            ]
-        },
+        # beta 0: momentum = gradient, velocity = gradient ** 2, rounded.
+        one_variable_vectors(beta_1=0.0, beta_2=0.0, epsilon=1.0),
         tf.constant(1, tf.int64),
     )
 
