@@ -32,6 +32,7 @@ import warnings
 import tensorflow as tf
 
 from keras_adamw import fused as fused_lib
+from keras_adamw import kernels
 
 
 def not_converted(function):
@@ -164,7 +165,9 @@ def _after_inputs(program, guards):
 
     def guarded(gradients, indices, state, hyper, config):
         waits = [
-            t for t in tf.nest.flatten((gradients, hyper)) if tf.is_tensor(t)
+            kernels.cast_source(t)
+            for t in tf.nest.flatten((gradients, hyper))
+            if tf.is_tensor(t)
         ] + [g for g in guards if g is not None]
         if waits and not tf.executing_eagerly():
             # One op waits for them all; each op of the step then waits for

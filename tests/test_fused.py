@@ -169,7 +169,7 @@ OPTIONS = {
     ),
     "bfloat16_moments": (
         {"moment_dtype": "bfloat16", "weight_decay": 0.05},
-        ["float32", "float64"],
+        ["float16", "float32", "float64"],
     ),
     "kahan": ({"kahan_summation": True}, ["bfloat16", "float16"]),
     "kahan_amsgrad_float32_moments": (
@@ -356,36 +356,116 @@ def test_a_read_in_flight_keeps_its_value():
     np.testing.assert_allclose(variable.numpy(), [0.5, 1.5, 2.5], rtol=1e-6)
 
 
-def test_bfloat16_is_rounded_to_nearest_even_as_tf_cast_rounds():
-    # The kernel converts bfloat16 with integer operations of its own;
+@pytest.mark.parametrize(
+    "kwargs, gradient_dtype",
+    [({}, tf.bfloat16), ({"global_clipnorm": 1.0}, tf.float32)],
+)
+def test_half_precision_gradients_reach_the_kernel_uncast(
+    kwargs, gradient_dtype
+):
+    # A bfloat16 gradient that nothing changes goes into the kernel as it
+    # is (no float32 copy); a clipped one is float32.
+    variable = keras.Variable(np.ones([3]), dtype="bfloat16")
+    optimizer = keras_adamw.AdamW(fused=True, **kwargs)
+    optimizer.build([variable])
+
+    @tf.function
+    def apply(gradient):
+        optimizer.apply([gradient], [variable])
+
+    gradient = tf.constant([1.0, -2.0, 3.0], tf.bfloat16)
+    graph = apply.get_concrete_function(gradient).graph
+    (kernel,) = [
+        op for op in graph.get_operations() if op.type == "KerasAdamwApplyAdam"
+    ]
+    assert kernel.get_attr("T") == [gradient_dtype]
+    if gradient_dtype == tf.bfloat16:
+        # And nothing else waits for a float32 copy, so none is made.
+        casts = [
+            op
+            for op in graph.get_operations()
+            if op.type == "Cast" and op.inputs[0].dtype == tf.bfloat16
+        ]
+        waiting = {
+            name
+            for node in graph.as_graph_def().node
+            for name in node.input
+        }
+        for cast in casts:
+            assert not cast.outputs[0].consumers(), cast
+            assert "^" + cast.name not in waiting, cast
+    apply(gradient)
+    expected = NumpyAdam(
+        [np.ones([3])],
+        learning_rate=0.001,
+        weight_decay=0.004,
+        dtype=ml_dtypes.bfloat16,
+        **kwargs,
+    )
+    expected.step([np.array([1.0, -2.0, 3.0])])
+    np.testing.assert_allclose(
+        np.asarray(variable.numpy(), np.float64),
+        expected.weights[0],
+        rtol=2.0**-7,
+    )
+
+
+# Per half-precision dtype: its exponent bits (zero in subnormals), and the
+# number of float32 mantissa bits it drops (a float32 with only the top one
+# of those set is an exact tie between two of its values).
+HALF_FORMATS = {
+    "bfloat16": (0x7F80, 16),
+    "float16": (0x7C00, 13),
+}
+
+
+@pytest.mark.parametrize("gradient_dtype", ["float32", "own"])
+@pytest.mark.parametrize("dtype", sorted(HALF_FORMATS))
+def test_half_precision_is_rounded_to_nearest_even_as_tf_cast_rounds(
+    dtype, gradient_dtype
+):
+    # The kernel converts half precision with instructions of its own
+    # (hardware conversions, integer operations in the tail of a block);
     # every stored value must be the one tf.cast (Eigen) would store: ties
-    # to even, overflow to inf, NaN to NaN. (Subnormals are left out:
-    # TensorFlow's CPU threads flush them to zero in arithmetic, on every
-    # path.)
+    # to even, overflow to inf, NaN to NaN; a gradient in the variable's
+    # own dtype is widened exactly. (Subnormals are left out: TensorFlow's
+    # CPU threads flush them to zero in arithmetic, on every path.)
+    exponent_bits, dropped = HALF_FORMATS[dtype]
+    tf_dtype = tf.as_dtype(dtype)
     bits = np.arange(0, 2**16, 7, dtype=np.uint16)
-    bits = bits[(bits & 0x7F80 != 0) | (bits & 0x7FFF == 0)]
-    values = bits.view(ml_dtypes.bfloat16)
+    bits = bits[(bits & exponent_bits != 0) | (bits & 0x7FFF == 0)]
+    values = bits.view(NUMPY_DTYPES[dtype])
+    # Exact ties between two values near 1, each side of it.
+    near_one = np.arange(0x3F000000 >> dropped, 0x3FC80000 >> dropped)
+    ties = (near_one.astype(np.uint32) << dropped | 1 << (dropped - 1)).view(
+        np.float32
+    )
     gradient = np.concatenate(
         [
             values.astype(np.float32),
-            # Exact ties between two bfloat16 values, and the largest
-            # float32s (which round to inf).
-            (np.arange(0x3F00, 0x3FC8, dtype=np.uint32) << 16 | 0x8000).view(
-                np.float32
+            ties,
+            # The largest float32s, and float16's largest and its ties
+            # around 65504 (which round to 65504 and to inf).
+            np.array(
+                [3.4e38, -3.4e38, 65504, 65519, 65520, -65520, np.nan, np.inf],
+                np.float32,
             ),
-            np.array([3.4e38, -3.4e38, np.nan, np.inf], np.float32),
         ]
     )
-    size = gradient.size
+    gradient = tf.constant(gradient)
+    if gradient_dtype == "own":
+        gradient = tf.cast(gradient, tf_dtype)
+    wide = tf.cast(gradient, tf.float32)
+    size = int(gradient.shape[0])
     variable = tf.Variable(np.resize(values, size))
-    momentum = tf.Variable(tf.zeros([size], tf.bfloat16))
-    velocity = tf.Variable(tf.zeros([size], tf.bfloat16))
+    momentum = tf.Variable(tf.zeros([size], tf_dtype))
+    velocity = tf.Variable(tf.zeros([size], tf_dtype))
     kernels.apply_adam(
         [variable],
         [momentum],
         [velocity],
         [],
-        [tf.constant(gradient)],
+        [gradient],
         tf.constant(0.0, tf.float64),  # The variable keeps its value.
         # beta 0: momentum = gradient, velocity = gradient ** 2, rounded.
         one_variable_vectors(beta_1=0.0, beta_2=0.0, epsilon=1.0),
@@ -393,18 +473,12 @@ def test_bfloat16_is_rounded_to_nearest_even_as_tf_cast_rounds():
     )
 
     def bits_of(x):
-        x = np.asarray(x).view(np.uint16)
+        x = np.asarray(x)
         # Any NaN is a NaN: compare NaNs by their being NaN.
-        return np.where(
-            np.isnan(np.asarray(x.view(ml_dtypes.bfloat16), np.float32)),
-            0x7FC0,
-            x,
-        )
+        return np.where(np.isnan(x.astype(np.float32)), -1, x.view(np.uint16))
 
-    expected_momentum = tf.cast(tf.constant(gradient), tf.bfloat16)
-    expected_velocity = tf.cast(
-        tf.constant(gradient) * tf.constant(gradient), tf.bfloat16
-    )
+    expected_momentum = tf.cast(wide, tf_dtype)
+    expected_velocity = tf.cast(wide * wide, tf_dtype)
     # Where the step moves it by 0 (a finite momentum times alpha = 0),
     # the variable is read and stored back unchanged.
     unmoved = np.isfinite(np.asarray(expected_momentum.numpy(), np.float32))

@@ -2,7 +2,8 @@
 
 `adamw_op.cc` is a TensorFlow op doing the whole Adam/AdamW update of all
 variables of a step in one pass per element on TensorFlow's CPU thread
-pool (see its header). It is compiled against the TensorFlow that runs it:
+pool (see its header; the formula over elements is `adamw_update.h`). It is
+compiled against the TensorFlow that runs it:
 
 - Why not at `pip install` time: pip builds a package in an isolated
   environment that holds only the build requirements (setuptools, wheel),
@@ -53,6 +54,8 @@ except ImportError:  # Windows: no lock; the build is atomic anyway.
     fcntl = None
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adamw_op.cc")
+# What the library is built from (SOURCE includes the header).
+SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "adamw_update.h"))
 # -O3 and -fno-math-errno let GCC vectorise the loop (sqrt without errno);
 # -ffp-contract=off keeps every multiply and add rounded separately, as the
 # XLA path rounds them. AVX-512 FP16 is left out: Eigen's FP16 packet
@@ -107,8 +110,9 @@ def cache_directory():
         "keras_adamw",
     )
     digest = hashlib.sha256()
-    with open(SOURCE, "rb") as source:
-        digest.update(source.read())
+    for path in SOURCES:
+        with open(path, "rb") as source:
+            digest.update(source.read())
     for part in (
         FLAGS,
         tf.sysconfig.get_compile_flags(),
@@ -215,6 +219,34 @@ def unavailable_reason():
     return _loaded["reason"]
 
 
+def cast_source(tensor):
+    """The tensor `tensor` was cast from, where it is a graph's `Cast` of a
+    float16 or bfloat16 tensor (with no control inputs); else `tensor`.
+
+    The kernel widens a half-precision gradient exactly as that cast does,
+    so `apply_adam` takes the source: for bfloat16 this saves a float32
+    copy of every gradient, a third of a step's memory traffic.
+    `keras_adamw.execution` waits for the source too (a cast cannot fail),
+    so a cast nothing else reads is pruned from the graph.
+
+    Example:
+
+    >>> with tf.Graph().as_default():
+    ...     gradient = tf.zeros([2], tf.bfloat16)
+    ...     cast_source(tf.cast(gradient, tf.float32)) is gradient
+    True
+    """
+    op = getattr(tensor, "op", None)  # None for an EagerTensor.
+    if (
+        op is not None
+        and op.type == "Cast"
+        and not op.control_inputs
+        and op.inputs[0].dtype in (tf.float16, tf.bfloat16)
+    ):
+        return op.inputs[0]
+    return tensor
+
+
 def apply_adam(
     variables,
     momentums,
@@ -233,7 +265,8 @@ def apply_adam(
         variables, momentums, velocities: Aligned lists of `tf.Variable`s
             (slots of one dtype: the variable's, float32 or bfloat16).
         velocity_hats: Aligned list with amsgrad, else `[]`.
-        gradients: Dense gradients in each variable's compute dtype.
+        gradients: Dense gradients in each variable's compute dtype (or,
+            for a half-precision variable, its own: see `cast_source`).
         learning_rate: The step's learning rate, a scalar.
         hyper: Dict of float64 vectors, one entry per variable (the
             names in `HYPERPARAMETERS`): `learning_rate_multiplier`,
@@ -250,10 +283,14 @@ def apply_adam(
     group = slot_group.slot_group(
         module, [*momentums, *velocities, *velocity_hats, *compensations]
     )
+    sources = [cast_source(g) for g in gradients]
     return module.keras_adamw_apply_adam(
         [v.handle for v in variables],
         group,
-        gradients,
+        [
+            source if source.dtype == v.dtype else gradient
+            for gradient, source, v in zip(gradients, sources, variables)
+        ],
         tf.cast(learning_rate, tf.float64),
         *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
