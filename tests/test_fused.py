@@ -387,9 +387,7 @@ def test_half_precision_gradients_reach_the_kernel_uncast(
             if op.type == "Cast" and op.inputs[0].dtype == tf.bfloat16
         ]
         waiting = {
-            name
-            for node in graph.as_graph_def().node
-            for name in node.input
+            name for node in graph.as_graph_def().node for name in node.input
         }
         for cast in casts:
             assert not cast.outputs[0].consumers(), cast
