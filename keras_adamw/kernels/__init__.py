@@ -46,7 +46,7 @@ import threading
 
 import tensorflow as tf
 
-from keras_adamw.kernels import slot_group
+from keras_adamw.kernels import variable_group
 
 try:
     import fcntl
@@ -278,14 +278,14 @@ def apply_adam(
             variable's compensation, aligned; else empty.
     """
     module = load()
-    # The slots go in as one group (see `slot_group`): a step then takes
-    # about two inputs per variable (its handle and gradient), not four.
-    group = slot_group.slot_group(
-        module, [*momentums, *velocities, *velocity_hats, *compensations]
+    # The variables and slots go in as one group (see `variable_group`): a
+    # step takes one input per variable (its gradient), not five.
+    group = variable_group.variable_group(
+        module,
+        [*variables, *momentums, *velocities, *velocity_hats, *compensations],
     )
     sources = [cast_source(g) for g in gradients]
     return module.keras_adamw_apply_adam(
-        [v.handle for v in variables],
         group,
         [
             source if source.dtype == v.dtype else gradient
@@ -294,6 +294,9 @@ def apply_adam(
         tf.cast(learning_rate, tf.float64),
         *[tf.cast(hyper[name], tf.float64) for name in HYPERPARAMETERS],
         tf.cast(step, tf.int64),
+        # Variables a function takes as arguments (the `state` of an eager
+        # step's traced program): the op takes their handles, for ordering.
+        variable_group.arguments([v.handle for v in variables]),
         independent_decay=independent_decay,
         kahan=bool(compensations),
     )

@@ -58,48 +58,54 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::Var;
 
-// The slots (momentums, velocities and, with amsgrad, velocity hats) of a
-// set of variables, held together so that a step passes one handle for all
-// of them: a tf.function pays about 5 us per captured input on every call,
-// which for 2000 small variables was most of the step. The group holds a
-// reference to each slot's Var; a slot's value may be replaced (restore,
-// assign) as its Var stays the same.
-class SlotGroup : public tensorflow::ResourceBase {
+// A step's variables and their slots (momentums, velocities, velocity hats
+// with amsgrad, compensations with kahan_summation), held together so that
+// a step passes one handle for all of them: a tf.function pays about 5 us
+// per captured input on every call, and TensorFlow's graph optimizations
+// on its first call grow faster than linearly with an op's inputs (2000
+// inputs 1.8 s, 4000 inputs 4.2 s, measured). The group holds a reference
+// to each Var; a value may be replaced (restore, assign) as its Var stays
+// the same.
+class VariableGroup : public tensorflow::ResourceBase {
  public:
-  explicit SlotGroup(std::vector<tensorflow::core::RefCountPtr<Var>> slots)
-      : slots_(std::move(slots)) {}
+  explicit VariableGroup(
+      std::vector<tensorflow::core::RefCountPtr<Var>> variables)
+      : variables_(std::move(variables)) {}
   std::string DebugString() const override {
-    return absl::StrCat("KerasAdamwSlotGroup of ", slots_.size(), " slots");
+    return absl::StrCat("KerasAdamwVariableGroup of ", variables_.size(),
+                        " variables");
   }
-  const std::vector<tensorflow::core::RefCountPtr<Var>>& slots() const {
-    return slots_;
+  const std::vector<tensorflow::core::RefCountPtr<Var>>& variables() const {
+    return variables_;
   }
 
  private:
-  std::vector<tensorflow::core::RefCountPtr<Var>> slots_;
+  std::vector<tensorflow::core::RefCountPtr<Var>> variables_;
 };
 
-REGISTER_OP("KerasAdamwSlotGroup")
-    .Input("slots: M * resource")
+REGISTER_OP("KerasAdamwVariableGroup")
+    .Input("variables: M * resource")
     .Output("group: resource")
     .Attr("M: int >= 1")
     .SetIsStateful()
     .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
     .Doc(R"doc(
-Groups M slot variables (momentums, then velocities, then velocity hats) for
-KerasAdamwApplyAdam. The handle owns the group; the group keeps the slots'
+Groups M resource variables for KerasAdamwApplyAdam: N model variables, then
+their momentums, velocities, velocity hats (amsgrad) and compensations
+(kahan), N of each. The handle owns the group; the group keeps the
 variables alive.
 )doc");
 
-class SlotGroupOp : public OpKernel {
+class VariableGroupOp : public OpKernel {
  public:
-  explicit SlotGroupOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit VariableGroupOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    std::vector<tensorflow::core::RefCountPtr<Var>> slots(ctx->num_inputs());
+    std::vector<tensorflow::core::RefCountPtr<Var>> variables(
+        ctx->num_inputs());
     for (int i = 0; i < ctx->num_inputs(); ++i) {
-      OP_REQUIRES_OK(ctx,
-                     LookupResource(ctx, HandleFromInput(ctx, i), &slots[i]));
+      OP_REQUIRES_OK(
+          ctx, LookupResource(ctx, HandleFromInput(ctx, i), &variables[i]));
     }
     Tensor* handle;
     tensorflow::AllocatorAttributes on_host;
@@ -107,18 +113,17 @@ class SlotGroupOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}),
                                              &handle, on_host));
     handle->scalar<tensorflow::ResourceHandle>()() =
-        tensorflow::ResourceHandle::MakeRefCountingHandle<SlotGroup>(
-            new SlotGroup(std::move(slots)), ctx->device()->name());
+        tensorflow::ResourceHandle::MakeRefCountingHandle<VariableGroup>(
+            new VariableGroup(std::move(variables)), ctx->device()->name());
   }
 };
 
-REGISTER_KERNEL_BUILDER(Name("KerasAdamwSlotGroup")
+REGISTER_KERNEL_BUILDER(Name("KerasAdamwVariableGroup")
                             .Device(tensorflow::DEVICE_CPU),
-                        SlotGroupOp);
+                        VariableGroupOp);
 
 REGISTER_OP("KerasAdamwApplyAdam")
-    .Input("variables: N * resource")
-    .Input("slots: resource")
+    .Input("group: resource")
     .Input("gradients: T")
     .Input("learning_rate: double")
     .Input("learning_rate_multiplier: double")
@@ -127,8 +132,9 @@ REGISTER_OP("KerasAdamwApplyAdam")
     .Input("epsilon: double")
     .Input("weight_decay: double")
     .Input("step: int64")
-    .Attr("N: int >= 1")
-    .Attr("T: list({half, bfloat16, float, double})")
+    .Input("ordered: M * resource")
+    .Attr("T: list({half, bfloat16, float, double}) >= 1")
+    .Attr("M: int >= 0")
     .Attr("independent_decay: bool = false")
     .Attr("kahan: bool = false")
     .SetIsStateful()
@@ -138,17 +144,19 @@ REGISTER_OP("KerasAdamwApplyAdam")
     .Doc(R"doc(
 Adam/AdamW update of N variables and their slots, in place.
 
-variables: N resource variables.
-slots: a KerasAdamwSlotGroup of their slots, N of each, aligned with the
-  variables: momentums, velocities, velocity hats (amsgrad), compensations
-  (kahan).
-gradients: N dense gradients, each in its variable's compute dtype or (half
+group: a KerasAdamwVariableGroup of the N variables, then their slots, N of
+  each, aligned with the variables: momentums, velocities, velocity hats
+  (amsgrad), compensations (kahan).
+gradients: N dense gradients (N = the length of T), each in its variable's compute dtype or (half
   precision, read without a float32 copy) its variable's dtype.
 learning_rate: the step's learning rate (float64 scalar).
 learning_rate_multiplier, beta_1, beta_2, epsilon, weight_decay: float64
   vectors of length N, one entry per variable; weight_decay 0 means no
   decay.
 step: the 1-based step t (int64 scalar).
+ordered: handles of variables of the group that the op only takes so that
+  tf.function orders it with other ops on them (variables a function takes
+  as arguments; the kernel does not read them).
 independent_decay: decay by weight_decay alone (weight_decay_mode=
   "independent"), not weight_decay * learning_rate.
 kahan: the group ends with a compensation per (half-precision) variable.
@@ -182,7 +190,9 @@ class LockSet {
 class ApplyAdamOp : public OpKernel {
  public:
   explicit ApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    std::vector<DataType> gradient_dtypes;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &gradient_dtypes));
+    n_ = static_cast<int>(gradient_dtypes.size());
     OP_REQUIRES_OK(ctx,
                    ctx->GetAttr("independent_decay", &independent_decay_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("kahan", &kahan_));
@@ -190,33 +200,27 @@ class ApplyAdamOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const int n = n_;
-    std::vector<tensorflow::core::RefCountPtr<Var>> variables(n);
-    for (int i = 0; i < n; ++i) {
-      OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, i),
-                                         &variables[i]));
-    }
-    tensorflow::core::RefCountPtr<SlotGroup> group;
-    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, n), &group));
-    const int num_slots = static_cast<int>(group->slots().size());
-    const int base = (kahan_ ? 3 : 2) * n;
-    OP_REQUIRES(ctx, num_slots == base || num_slots == base + n,
+    tensorflow::core::RefCountPtr<VariableGroup> group;
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, 0), &group));
+    const int num_resources = static_cast<int>(group->variables().size());
+    const int base = (kahan_ ? 4 : 3) * n;
+    OP_REQUIRES(ctx, num_resources == base || num_resources == base + n,
                 absl::InvalidArgumentError(absl::StrCat(
-                    "the slot group holds ", num_slots, " slots; ", n,
-                    " variables need ", base, " or, with amsgrad, ",
-                    base + n)));
-    const bool amsgrad = num_slots == base + n;
+                    "the variable group holds ", num_resources,
+                    " variables; ", n, " gradients need ", base,
+                    " or, with amsgrad, ", base + n)));
+    const bool amsgrad = num_resources == base + n;
     // resources[slot * n + i]: slot 0 the variable i, 1 its momentum, 2 its
     // velocity, then its velocity hat (amsgrad), then its compensation
     // (kahan).
     const int compensation_slot = amsgrad ? 4 : 3;
-    const int num_resources = n + num_slots;
     std::vector<Var*> resources(num_resources);
     std::vector<tensorflow::mutex*> mutexes;
     for (int i = 0; i < num_resources; ++i) {
-      resources[i] = i < n ? variables[i].get() : group->slots()[i - n].get();
+      resources[i] = group->variables()[i].get();
       mutexes.push_back(resources[i]->mu());
     }
-    const int first_gradient = n + 1;
+    const int first_gradient = 1;
     const int first_hyper = first_gradient + n;
     const Tensor& learning_rate = ctx->input(first_hyper);
     OP_REQUIRES(ctx, learning_rate.dims() == 0,
