@@ -27,17 +27,24 @@ def momentums(optimizer):
     return [v for v in optimizer.variables if "momentum" in v.path]
 
 
-# skip_nonfinite puts the kernel inside a tf.cond, whose op takes the group.
-@pytest.mark.parametrize("options", [{}, {"skip_nonfinite": True}])
-def test_slot_reads_in_the_step_function_are_ordered_around_the_step(
-    options,
-):
+def built_optimizer(options):
+    """Eight variables of 64 elements and a built fused AdamW with
+    `options`."""
     variables = [
         keras.Variable(np.full([64], float(i + 1), np.float32))
         for i in range(8)
     ]
     optimizer = keras_adamw.AdamW(learning_rate=0.1, fused=True, **options)
     optimizer.build(variables)
+    return variables, optimizer
+
+
+# skip_nonfinite puts the kernel inside a tf.cond, whose op takes the group.
+@pytest.mark.parametrize("options", [{}, {"skip_nonfinite": True}])
+def test_slot_reads_in_the_step_function_are_ordered_around_the_step(
+    options,
+):
+    variables, optimizer = built_optimizer(options)
     slots = momentums(optimizer)
 
     @tf.function
@@ -74,12 +81,7 @@ def test_slot_reads_in_the_step_function_are_ordered_around_the_step(
 def test_variable_reads_in_the_step_function_are_ordered_around_the_step(
     options,
 ):
-    variables = [
-        keras.Variable(np.full([64], float(i + 1), np.float32))
-        for i in range(8)
-    ]
-    optimizer = keras_adamw.AdamW(learning_rate=0.1, fused=True, **options)
-    optimizer.build(variables)
+    variables, optimizer = built_optimizer(options)
 
     @tf.function
     def step_between_reads():
