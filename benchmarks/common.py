@@ -107,7 +107,8 @@ def keras_adamw_source():
     if os.path.exists(marker):
         with open(marker) as f:
             return f"{package} (snapshot of commit {f.read().strip()})"
-    if os.path.isdir(os.path.join(root, ".git")):
+    # A checkout has a .git folder; a `git worktree` a .git file.
+    if os.path.exists(os.path.join(root, ".git")):
         return f"{package} (commit {git_description(root)})"
     return package
 

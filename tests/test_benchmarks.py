@@ -346,3 +346,17 @@ def test_sparse_embedding_benchmark_runs():
     )
     for name in ("keras_adamw_lazy", "keras_adamw_dense", "keras"):
         assert re.search(rf"^\| {name} \| [0-9.]+ ms", out, re.M), name
+
+
+def test_first_call_benchmark_runs_and_times_each_phase():
+    out = run_script(
+        ["benchmarks/first_call.py", "--variables=5"], timeout=300
+    )
+    assert "- command: python benchmarks/first_call.py --variables=5" in out
+    assert "5 variables, " in out
+    row = re.search(
+        r"^\| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", out, re.M
+    )
+    assert row, out
+    trace, first_run, first_call, _ = (float(x) for x in row.groups())
+    assert first_call == pytest.approx(trace + first_run, abs=0.11)
