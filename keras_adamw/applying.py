@@ -57,6 +57,7 @@ class ApplyGradients:
     # Not converted by autograph, as Keras' own optimizers are not (it
     # skips the `keras` package): the step's Python runs over Python values.
     @execution.not_converted
+    @execution.collector_paused()
     def _apply(self, grads, trainable_variables, aggregate):
         """`apply`, summing gradients across replicas first if `aggregate`.
 

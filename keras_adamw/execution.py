@@ -27,6 +27,8 @@ Only public `tf.distribute` API is used (`merge_call`,
 implements all of it.
 """
 
+import contextlib
+import gc
 import warnings
 
 import tensorflow as tf
@@ -46,6 +48,34 @@ def not_converted(function):
     converted against 4.4 s not).
     """
     return tf.autograph.experimental.do_not_convert(function)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Holds off Python's cyclic garbage collector while a step is built
+    and run (a context manager, or a decorator as `@collector_paused()`).
+
+    Tracing a step over thousands of variables creates hundreds of
+    thousands of Python objects that live as long as the graph; each
+    automatic collection walks them all again, which was about a third of
+    the time to trace (1000 small variables: 21.4 -> 13.7 s). The
+    collector is enabled again afterwards (also when the step raises), and
+    left alone if the caller had disabled it.
+
+    Example:
+
+    >>> with collector_paused():
+    ...     gc.isenabled()
+    False
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def local_copies(strategy, structure, replica):

@@ -285,3 +285,56 @@ def test_restoring_checks_every_entry_before_writing_any(how, bad):
                 {str(i): v for i, v in enumerate(values)}
             )
     assert_unchanged(before, optimizer, [w])
+
+
+# The garbage collector is held off while a step is built and run
+# (execution.collector_paused), and always given back.
+@pytest.mark.parametrize("shell", ["keras", "tf_keras"])
+def test_the_collector_is_paused_during_a_step_and_restored(
+    shell, monkeypatch
+):
+    import gc
+
+    from keras_adamw import execution
+
+    seen = []
+    run = execution.Programs.run
+
+    def recording_run(self, *arguments, **options):
+        seen.append(gc.isenabled())
+        return run(self, *arguments, **options)
+
+    monkeypatch.setattr(execution.Programs, "run", recording_run)
+    if shell == "keras":
+        variable = keras.Variable([1.0, 2.0])
+        optimizer = keras_adamw.AdamW(learning_rate=0.1)
+
+        def apply(gradient):
+            optimizer.apply([gradient], [variable])
+
+    else:
+        import tf_keras
+
+        from keras_adamw import tf_keras as adamw_tf_keras
+
+        variable = tf_keras.backend.variable([1.0, 2.0])
+        optimizer = adamw_tf_keras.AdamW(learning_rate=0.1)
+
+        def apply(gradient):
+            optimizer.apply_gradients([(gradient, variable)])
+
+    assert gc.isenabled()
+    apply(tf.constant([1.0, 1.0]))
+    assert seen and not any(seen), seen
+    assert gc.isenabled()
+    # A step that raises gives the collector back too.
+    with pytest.raises(ValueError):
+        apply(tf.constant([1.0, 1.0, 1.0]))
+    assert gc.isenabled()
+    # A caller that disabled it keeps it disabled.
+    gc.disable()
+    try:
+        apply(tf.constant([1.0, 1.0]))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -213,6 +213,7 @@ class Adam(step_inputs.StepInputs, tf_keras.optimizers.Optimizer):
 
     # Not converted by autograph (as tf_keras' own optimizers are not).
     @execution.not_converted
+    @execution.collector_paused()
     def apply_gradients(
         self,
         grads_and_vars,
