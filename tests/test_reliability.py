@@ -4,6 +4,8 @@ Each test would fail on keras_adamw before the fix it names; expected
 values come from the float64 NumPy reference (tests/reference.py).
 """
 
+import gc
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import keras_adamw
+from keras_adamw import execution
 from tests.reference import NumpyAdam
 
 
@@ -293,10 +296,6 @@ def test_restoring_checks_every_entry_before_writing_any(how, bad):
 def test_the_collector_is_paused_during_a_step_and_restored(
     shell, monkeypatch
 ):
-    import gc
-
-    from keras_adamw import execution
-
     seen = []
     run = execution.Programs.run
 
